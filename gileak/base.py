@@ -1,0 +1,151 @@
+"""Base classes of the four component kinds; plugins subclass these and register them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gileak.errors import ParamsError
+
+if TYPE_CHECKING:  # heavy imports stay out of `gileak --help`
+    import torch
+    from torch import nn
+
+    from gileak.threat import Target
+
+
+class Component:
+    """A named, parameterised piece of a benchmark. Subclasses set `name` and `description`."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors()
+            )
+            allowed = ", ".join(self.Params.model_fields) or "none"
+            raise ParamsError(
+                f"Bad parameters for {self.kind} '{self.name}': {problems}. Parameters it takes: {allowed}."
+            ) from e
+
+    @classmethod
+    def parameter_table(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, description) of every parameter, for `gileak list`."""
+        rows = []
+        for pname, info in cls.Params.model_fields.items():
+            annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            default = None if info.is_required() else info.default
+            rows.append((pname, annotation, default, info.description or ""))
+        return rows
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{self.name}({args})"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset declares without loading any pixel: shape (C, H, W) and class count."""
+
+    shape: tuple[int, int, int]
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+
+
+@dataclass
+class Splits:
+    """Images in [0, 1] as float tensors (N, C, H, W) and integer labels (N,)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Dataset(Component):
+    """A source of labelled images. `info()` must not load pixels; `load()` does."""
+
+    kind: ClassVar[str] = "dataset"
+
+    def info(self) -> DatasetInfo:
+        raise NotImplementedError
+
+    def load(self, seed: int = 0) -> Splits:
+        """Return train and test splits, pixels in [0, 1], at the dataset's native size."""
+        raise NotImplementedError
+
+
+class Model(Component):
+    """An architecture. `build` returns a module holding one `Slot` per insertion position."""
+
+    kind: ClassVar[str] = "model"
+    #: Spatial size the model wants its input at; None keeps the dataset's size.
+    input_size: ClassVar[tuple[int, int] | None] = None
+
+    def input_shape(self, dataset_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The (C, H, W) this model is built for, given the dataset's native shape."""
+        channels, height, width = dataset_shape
+        if self.input_size is not None:
+            height, width = self.input_size
+        return (channels, height, width)
+
+    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+
+class Defense(Component):
+    """A defense may transform the model, add a loss term (through its modules' `aux_loss`),
+    and transform what the client uploads."""
+
+    kind: ClassVar[str] = "defense"
+
+    def apply(self, net: nn.Module) -> None:
+        """Transform the model in place (insert modules into slots, drop biases)."""
+
+    def transform_gradient(
+        self, gradient: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Change one client's gradient before it is shared (pruning, quantisation, noise)."""
+        return gradient
+
+
+@dataclass
+class Reconstruction:
+    """An attack's output: images in [0, 1] (N, C, H, W) and per-victim bookkeeping."""
+
+    images: torch.Tensor
+    iterations: list[int]
+    final_loss: list[float]
+    labels: torch.Tensor | None = None
+    trace: list[dict[str, float]] | None = None
+    note: str = ""
+
+
+class Attack(Component):
+    """Rebuilds victims' images from what the server sees (a `Target`), all victims at once."""
+
+    kind: ClassVar[str] = "attack"
+
+    def attack(self, target: Target, *, seeds: list[int], max_iterations: int, progress=None) -> Reconstruction:
+        """Reconstruct every victim of `target`. Victim i's randomness comes from seeds[i] only,
+        so attacking it alone gives the same result. `progress(iterations_done)` may be called."""
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[Component]] = {
+    "attack": Attack,
+    "defense": Defense,
+    "model": Model,
+    "dataset": Dataset,
+}
