@@ -1,0 +1,81 @@
+"""What the server sees: the client step that produces a shared gradient, and the attack target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from gileak.nets import aux_loss
+
+
+def client_loss(net: nn.Module, state: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor):
+    """The loss a client trains on: cross-entropy plus the defense's terms (β·KL), with the
+    model's parameters and buffers taken from `state`."""
+    logits = functional_call(net, state, (images,))
+    return F.cross_entropy(logits, labels) + aux_loss(net)
+
+
+def trainable_state(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable parameters, everything else: frozen parameters and buffers), detached."""
+    params = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+    frozen.update({n: b.detach() for n, b in net.named_buffers()})
+    return params, frozen
+
+
+def client_gradient(net: nn.Module, defense, images: torch.Tensor, labels: torch.Tensor,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One training step's gradient on (images, labels) as the client would upload it: the
+    training loss's gradient, then the defense's upload transform. A defense may replace the
+    whole step with its own `client_gradient(net, images, labels, generator)` (DP-SGD)."""
+    custom = getattr(defense, "client_gradient", None)
+    if custom is not None:
+        return custom(net, images, labels, generator)
+    params, frozen = trainable_state(net)
+    gradient = torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, images, labels))(params)
+    return defense.transform_gradient(gradient, generator)
+
+
+def shared_gradients(net: nn.Module, defense, images: torch.Tensor, labels: torch.Tensor,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each victim's shared gradient from a training step on that image alone, stacked (N, ...)."""
+    per_victim = []
+    for index in range(images.shape[0]):
+        generator = torch.Generator(device="cpu").manual_seed(seed * 100_003 + index)
+        torch.manual_seed(seed * 100_003 + index)  # stochastic modules sample from the global stream
+        per_victim.append(client_gradient(net, defense, images[index : index + 1], labels[index : index + 1], generator))
+    return {name: torch.stack([g[name] for g in per_victim]) for name in per_victim[0]}
+
+
+@dataclass
+class Target:
+    """Everything an honest-but-curious server knows when it attacks: the model and its weights,
+    the loss, each victim's shared gradient, and the labels when the threat model grants them."""
+
+    net: nn.Module
+    shared_gradient: dict[str, torch.Tensor]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    labels: torch.Tensor | None = None
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            self.params, self.frozen = trainable_state(self.net)
+
+    @property
+    def num_victims(self) -> int:
+        return next(iter(self.shared_gradient.values())).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def loss(self, state: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor):
+        return client_loss(self.net, state, images, labels)
