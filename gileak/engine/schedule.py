@@ -1,0 +1,77 @@
+"""Per-victim optimizer state: Adam, the plateau schedule and the stopping rules, all vectorized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PerVictimAdam:
+    """torch.optim.Adam's update, with a separate step count and learning rate for each victim."""
+
+    lr: torch.Tensor  # (N,)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        self.exp_avg: torch.Tensor | None = None
+        self.exp_avg_sq: torch.Tensor | None = None
+        self.steps = torch.zeros_like(self.lr)
+
+    def step(self, params: torch.Tensor, grads: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """New params; victims that are not active keep their params and state untouched."""
+        beta1, beta2 = self.betas
+        if self.exp_avg is None:
+            self.exp_avg = torch.zeros_like(params)
+            self.exp_avg_sq = torch.zeros_like(params)
+        shape = (-1,) + (1,) * (params.dim() - 1)
+        mask = active.to(params.dtype).view(shape)
+        self.steps = self.steps + active.to(self.steps.dtype)
+        self.exp_avg = torch.where(mask.bool(), beta1 * self.exp_avg + (1 - beta1) * grads, self.exp_avg)
+        self.exp_avg_sq = torch.where(mask.bool(), beta2 * self.exp_avg_sq + (1 - beta2) * grads * grads, self.exp_avg_sq)
+        steps = self.steps.clamp(min=1)
+        bias_correction1 = 1 - beta1**steps
+        bias_correction2 = 1 - beta2**steps
+        step_size = (self.lr / bias_correction1).view(shape)
+        denom = self.exp_avg_sq.sqrt() / bias_correction2.sqrt().view(shape) + self.eps
+        return torch.where(mask.bool(), params - step_size * self.exp_avg / denom, params)
+
+
+@dataclass
+class PlateauAndStop:
+    """ReduceLROnPlateau (mode min, relative threshold) per victim, plus the paper's stopping
+    rules: loss below `min_loss`, no decrease for `stop_patience` iterations."""
+
+    num_victims: int
+    factor: float = 0.1
+    patience: int = 400
+    threshold: float = 1e-4
+    stop_patience: int = 4000
+    min_loss: float = 1e-5
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        inf = torch.full((self.num_victims,), float("inf"), device=self.device)
+        self.plateau_best = inf.clone()
+        self.plateau_bad = torch.zeros(self.num_victims, dtype=torch.long, device=self.device)
+        self.best = inf.clone()
+        self.since_best = torch.zeros(self.num_victims, dtype=torch.long, device=self.device)
+
+    def update(self, loss: torch.Tensor, lr: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Take this iteration's losses; return (new lr, improved mask, still-active mask)."""
+        improved_plateau = loss < self.plateau_best * (1 - self.threshold)
+        self.plateau_best = torch.where(active & improved_plateau, loss, self.plateau_best)
+        self.plateau_bad = torch.where(active & ~improved_plateau, self.plateau_bad + 1,
+                                       torch.where(active, torch.zeros_like(self.plateau_bad), self.plateau_bad))
+        reduce = active & (self.plateau_bad > self.patience)
+        lr = torch.where(reduce, lr * self.factor, lr)
+        self.plateau_bad = torch.where(reduce, torch.zeros_like(self.plateau_bad), self.plateau_bad)
+
+        improved = active & (loss < self.best)
+        self.best = torch.where(improved, loss, self.best)
+        self.since_best = torch.where(improved, torch.zeros_like(self.since_best),
+                                      torch.where(active, self.since_best + 1, self.since_best))
+        still_active = active & (loss >= self.min_loss) & (self.since_best < self.stop_patience)
+        return lr, improved, still_active
