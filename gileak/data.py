@@ -1,0 +1,88 @@
+"""Data plumbing shared by training and attacks: fitting images to a model's input,
+the federated partition, each client's train/validation split, and the victims."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gileak.errors import UserInputError
+
+
+def fit_images(images: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Bring (N, C, H, W) images in [0, 1] to `shape` = (C, H, W): drop an alpha channel,
+    grey↔RGB, and an anti-aliased bilinear resize. Already-fitting images come back as they are."""
+    channels, height, width = (int(s) for s in shape)
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if images.dim() == 3:  # (N, H, W) grey
+        images = images.unsqueeze(1)
+    if images.dim() != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] == 4:  # RGBA: the alpha channel is not part of the picture
+        images = images[:, :3]
+    if images.shape[1] != channels:
+        if images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype)[: images.shape[1]]
+            images = (images * (weights / weights.sum()).view(1, -1, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise ValueError(f"cannot turn {images.shape[1]}-channel images into {channels} channels")
+    if tuple(images.shape[-2:]) != (height, width):
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False,
+                               antialias=True)
+    return images.clamp(0, 1).contiguous()
+
+
+def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[torch.Tensor]:
+    """IID partition: a seeded shuffle of all indices cut into `num_clients` near-equal parts."""
+    if num_clients < 1:
+        raise UserInputError(f"the number of clients must be at least 1, got {num_clients}")
+    if num_samples < num_clients:
+        raise UserInputError(f"{num_samples} training images cannot be shared among {num_clients} clients")
+    generator = torch.Generator().manual_seed(seed)
+    return list(torch.randperm(num_samples, generator=generator).tensor_split(num_clients))
+
+
+def client_split(indices, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of one client; the validation part is floor(n * val_fraction)."""
+    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = indices[torch.randperm(len(indices), generator=generator)]
+    num_val = int(len(indices) * val_fraction)
+    return shuffled[num_val:], shuffled[:num_val]
+
+
+def pick_victims(train_indices, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct images from a client's training split, chosen by `seed` (the paper
+    attacks images the client trains on)."""
+    train_indices = torch.as_tensor(train_indices, dtype=torch.long).flatten()
+    if count < 1:
+        raise UserInputError(f"--victims must be at least 1, got {count}")
+    if count > len(train_indices):
+        raise UserInputError(
+            f"--victims {count} asks for more images than the attacked client's training split holds "
+            f"({len(train_indices)}). Use --victims {len(train_indices)} or fewer, or a larger dataset."
+        )
+    generator = torch.Generator().manual_seed(seed + 7919)
+    return train_indices[torch.randperm(len(train_indices), generator=generator)[:count]]
+
+
+def train_test_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float, seed: int):
+    """A seeded, stratified split: each class gives the same share to the test set."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for cls in labels.unique(sorted=True):
+        idx = (labels == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_test = int(round(len(idx) * test_fraction))
+        if len(idx) > 1:
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    train_idx = torch.cat(train).sort().values
+    test_idx = torch.cat(test).sort().values
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]

@@ -1,0 +1,204 @@
+"""FedAvg simulation for the utility side of the benchmark: train a (defended) model over IID
+clients as in the paper's Section V-A and report the global model's test accuracy."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gileak.data import client_split, iid_partition
+from gileak.errors import UserInputError
+from gileak.threat import client_loss
+
+
+@dataclass
+class FLConfig:
+    """FedAvg settings; the defaults are the paper's except `rounds` (300 there), kept quick."""
+
+    rounds: int = 10
+    clients: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    patience: int = 40
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class FLResult:
+    """What a federated run produced. Round indices are 0-based positions in the curves."""
+
+    accuracy: float
+    accuracy_curve: list[float] = field(default_factory=list)
+    val_loss_curve: list[float] = field(default_factory=list)
+    rounds_run: int = 0
+    best_round: int | None = None
+    accuracy_at_best_val: float | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _seed(*parts: int) -> int:
+    # SeedSequence mixes the parts, so (round, client) pairs never share a stream.
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of client states (parameters and floating buffers such as batch-norm
+    running statistics). Integer buffers (`num_batches_tracked`) have no meaningful mean and
+    take the first client's value: every client starts from the same global count."""
+    if not states or len(states) != len(weights):
+        raise ValueError(f"fedavg needs one weight per state, got {len(states)} states and {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("fedavg weights must sum to a positive number")
+    shares = [float(w) / total for w in weights]
+    averaged: dict[str, torch.Tensor] = {}
+    for name, first in states[0].items():
+        if not first.is_floating_point():
+            averaged[name] = first.detach().clone()
+            continue
+        # Accumulate in at least float32 so half-precision states don't lose the small shares.
+        accumulator_dtype = torch.promote_types(first.dtype, torch.float32)
+        mean = torch.zeros_like(first, dtype=accumulator_dtype)
+        for state, share in zip(states, shares):
+            mean.add_(state[name].detach().to(accumulator_dtype), alpha=share)
+        averaged[name] = mean.to(first.dtype)
+    return averaged
+
+
+def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512,
+             device: str | torch.device | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `net` in eval mode; `device` defaults to the net's.
+    (nan, nan) for an empty set. The net's train/eval mode is restored afterwards."""
+    if len(labels) == 0:
+        return math.nan, math.nan
+    if device is None:
+        device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    # Sums stay on the device so the loop doesn't synchronise once per batch.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(labels), batch_size):
+                batch_images = images[start : start + batch_size].to(device)
+                batch_labels = labels[start : start + batch_size].to(device)
+                logits = net(batch_images)
+                loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum")
+                correct += (logits.argmax(dim=1) == batch_labels).sum()
+    finally:
+        net.train(was_training)
+    return loss_sum.item() / len(labels), correct.item() / len(labels)
+
+
+def _train_client(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: FLConfig,
+                  generator: torch.Generator) -> None:
+    """Local training of one client, in place on `net`, which holds the global state on entry."""
+    # Each client's Adam is fresh every round: FedAvg shares weights, not optimizer moments.
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr, betas=config.betas)
+    net.train()
+    # The Parameters themselves go into the state so gradients reach them and the optimizer,
+    # and training uses the very loss the attacked client step uses (β·KL included).
+    # Gradients are used as computed: a defense's upload transform (`transform_gradient`) is
+    # modelled on the attack path only; whether training applies it too is left to the
+    # training issue.
+    state = dict(net.named_parameters()) | dict(net.named_buffers())
+    for _epoch in range(config.local_epochs):
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        for batch in order.split(config.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            client_loss(net, state, images[batch], labels[batch]).backward()
+            optimizer.step()
+
+
+def _detached_copy(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in net.state_dict().items()}
+
+
+def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_labels: torch.Tensor,
+                    test_images: torch.Tensor, test_labels: torch.Tensor, config: FLConfig | None = None,
+                    device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None,
+                    client_indices: Sequence | None = None) -> FLResult:
+    """Train `net` (already transformed by `defense`) with FedAvg over `config.clients` IID
+    clients; `net` holds the final global model on return. `client_indices` (one index set per
+    client into the training set) replaces the seeded partition; each is split into train and
+    validation parts. `progress(round_index)` is called after every round. `defense` is taken for
+    the client-step changes still to come (DP-SGD); its model transform is already in `net`."""
+    config = config or FLConfig()
+    started = time.perf_counter()
+    device = torch.device(device)
+    net.to(device)
+    train_images = train_images.to(device)
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    test_labels = test_labels.long()
+
+    if client_indices is None:
+        if len(train_labels) < config.clients:
+            raise UserInputError(f"{len(train_labels)} training images cannot be shared among {config.clients} clients")
+        client_indices = iid_partition(len(train_labels), config.clients, config.seed)
+    # One seed for every client's split, as the runner uses it to find client 0's training part.
+    splits = [client_split(indices, config.val_fraction, config.seed) for indices in client_indices]
+    splits = [(train.to(device), val.to(device)) for train, val in splits]
+    sizes = [len(train) for train, _ in splits]
+    if min(sizes) == 0:
+        raise UserInputError("every client needs at least one training image; use fewer clients or more data")
+    has_validation = any(len(val) > 0 for _, val in splits)
+
+    global_state = _detached_copy(net)
+    result = FLResult(accuracy=math.nan)
+    best_val = math.inf
+    rounds_without_improvement = 0
+    for round_index in range(config.rounds):
+        client_states = []
+        for client, (train, _val) in enumerate(splits):
+            net.load_state_dict(global_state)
+            shuffle = torch.Generator().manual_seed(_seed(config.seed, round_index, client))
+            # Stochastic modules (variational bottlenecks) draw from the global stream.
+            torch.manual_seed(_seed(config.seed, round_index, client, 1))
+            _train_client(net, train_images[train], train_labels[train], config, shuffle)
+            client_states.append(_detached_copy(net))
+        global_state = fedavg(client_states, sizes)
+        del client_states
+        net.load_state_dict(global_state)
+
+        val_losses = [evaluate(net, train_images[val], train_labels[val], device=device)[0]
+                      for _train, val in splits if len(val) > 0]
+        val_loss = sum(val_losses) / len(val_losses) if val_losses else math.nan
+        _, accuracy = evaluate(net, test_images, test_labels, device=device)
+        result.val_loss_curve.append(val_loss)
+        result.accuracy_curve.append(accuracy)
+        result.rounds_run = round_index + 1
+        if progress is not None:
+            progress(round_index)
+
+        if val_loss < best_val:  # a nan loss never counts as an improvement
+            best_val = val_loss
+            result.best_round = round_index
+            result.accuracy_at_best_val = accuracy
+            rounds_without_improvement = 0
+        elif has_validation:
+            rounds_without_improvement += 1
+            if rounds_without_improvement >= config.patience:
+                result.stopped_early = round_index + 1 < config.rounds
+                break
+
+    # The paper reports the global model after the last round, not the best-validation one.
+    if result.accuracy_curve:
+        result.accuracy = result.accuracy_curve[-1]
+    else:
+        result.accuracy = evaluate(net, test_images, test_labels, device=device)[1]
+    result.state_dict = {name: value.cpu() for name, value in global_state.items()}
+    result.seconds = time.perf_counter() - started
+    return result
