@@ -1,0 +1,120 @@
+"""Reconstruction quality, per victim: SSIM (scikit-image, data range 1), PSNR, MSE, LPIPS,
+and the attack success rate (share of victims with SSIM >= 0.5, as in the paper)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+#: The paper counts an attack as successful on a victim when SSIM >= 0.5.
+ASR_THRESHOLD = 0.5
+#: torchvision's AlexNet checkpoint, which lpips builds its network on.
+ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"
+
+
+def _pairs(reconstructions: torch.Tensor, originals: torch.Tensor):
+    rec = torch.as_tensor(reconstructions).detach().float().cpu()
+    ori = torch.as_tensor(originals).detach().float().cpu()
+    if rec.shape != ori.shape:
+        raise ValueError(f"reconstructions {tuple(rec.shape)} and originals {tuple(ori.shape)} differ in shape")
+    return rec.clamp(0, 1), ori.clamp(0, 1)
+
+
+def ssim(reconstructions: torch.Tensor, originals: torch.Tensor) -> list[float]:
+    """Per-image SSIM over (N, C, H, W) images in [0, 1]; the window is 7 or the largest odd size
+    that fits (8x8 digits get 7, a 5x5 image gets 5)."""
+    from skimage.metrics import structural_similarity
+
+    rec, ori = _pairs(reconstructions, originals)
+    side = min(rec.shape[-2:])
+    win_size = min(7, side if side % 2 else side - 1)
+    values = []
+    for r, o in zip(rec.numpy(), ori.numpy()):
+        values.append(float(structural_similarity(o, r, data_range=1.0, channel_axis=0, win_size=win_size)))
+    return values
+
+
+def mse(reconstructions: torch.Tensor, originals: torch.Tensor) -> list[float]:
+    rec, ori = _pairs(reconstructions, originals)
+    return (rec - ori).pow(2).flatten(1).mean(1).tolist()
+
+
+def psnr(reconstructions: torch.Tensor, originals: torch.Tensor) -> list[float]:
+    """Per-image PSNR in dB for data range 1; identical images give +inf."""
+    return [10 * math.log10(1.0 / m) if m > 0 else math.inf for m in mse(reconstructions, originals)]
+
+
+def attack_success_rate(ssim_values: Sequence[float], threshold: float = ASR_THRESHOLD) -> float:
+    """Percentage of victims whose reconstruction reaches `threshold` SSIM."""
+    if not ssim_values:
+        return float("nan")
+    return 100.0 * sum(v >= threshold for v in ssim_values) / len(ssim_values)
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, population std) of the finite values; NaN when there are none."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    mean = sum(finite) / len(finite)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+
+
+def alexnet_checkpoint() -> Path:
+    """Where torchvision keeps AlexNet's weights (under $TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_CHECKPOINT
+
+
+def lpips_status() -> tuple[bool, str]:
+    """(available, reason). LPIPS needs the lpips package and torchvision's AlexNet weights;
+    we never download them, so offline it is reported as unavailable with the reason."""
+    if os.environ.get("GILEAK_NO_LPIPS"):
+        return False, "LPIPS switched off by GILEAK_NO_LPIPS"
+    try:
+        import lpips  # noqa: F401
+    except ImportError as e:
+        return False, f"LPIPS unavailable: the lpips package cannot be imported ({e})"
+    checkpoint = alexnet_checkpoint()
+    if not checkpoint.is_file():
+        return False, (f"LPIPS unavailable: torchvision's AlexNet weights are not at {checkpoint} and are never "
+                       "downloaded at run time; put them there to get LPIPS")
+    return True, "LPIPS (AlexNet) available"
+
+
+_LPIPS_NETS: dict[str, torch.nn.Module] = {}
+
+
+def _lpips_net(device: str) -> torch.nn.Module:
+    if device not in _LPIPS_NETS:
+        import warnings
+
+        import lpips
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = lpips.LPIPS(net="alex", verbose=False)
+        _LPIPS_NETS[device] = net.eval().to(device)
+    return _LPIPS_NETS[device]
+
+
+def lpips_distances(reconstructions: torch.Tensor, originals: torch.Tensor, device: str = "cpu") -> list[float] | None:
+    """Per-image LPIPS (AlexNet), None when unavailable. Grey images are repeated to 3 channels
+    and images smaller than 32 px upsampled, since AlexNet's features need some room."""
+    available, _ = lpips_status()
+    if not available:
+        return None
+    rec, ori = _pairs(reconstructions, originals)
+    if rec.shape[1] == 1:
+        rec, ori = rec.expand(-1, 3, -1, -1), ori.expand(-1, 3, -1, -1)
+    if min(rec.shape[-2:]) < 32:
+        size = (max(32, rec.shape[-2]), max(32, rec.shape[-1]))
+        rec = torch.nn.functional.interpolate(rec, size=size, mode="bilinear", align_corners=False)
+        ori = torch.nn.functional.interpolate(ori, size=size, mode="bilinear", align_corners=False)
+    net = _lpips_net(device)
+    with torch.no_grad():
+        distance = net(rec.to(device) * 2 - 1, ori.to(device) * 2 - 1)
+    return distance.flatten().cpu().tolist()
