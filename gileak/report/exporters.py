@@ -1,0 +1,69 @@
+"""Leaderboard rows to Markdown, CSV and JSON; the format follows the file's suffix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gileak.errors import UserInputError
+
+#: Export columns, in order. Rows may carry more keys (status, error, lpips_note, ...).
+COLUMNS = (
+    "dataset", "model", "defense", "attack", "ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean",
+    "lpips_mean", "accuracy_mean", "accuracy_std", "params", "params_added_pct", "victims", "seconds",
+    "iterations_mean", "status", "error",
+)
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities are not JSON; they become null (unknown / not computed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = list(COLUMNS) + sorted({k for r in rows for k in r} - set(COLUMNS))
+    return [{k: _clean(r.get(k)) for k in keys} for r in rows]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    clean = _rows(rows)
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    body = "".join(
+        "| " + " | ".join(_cell(r[k]).replace("|", "\\|").replace("\n", " ") for k in COLUMNS) + " |\n"
+        for r in clean
+    )
+    notes = sorted({r["lpips_note"] for r in clean if r.get("lpips_note")})
+    return head + body + "".join(f"\n{note}\n" for note in notes)
+
+
+def export(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write `rows` to `path`: .md (a Markdown table), .csv, or .json (a list of row objects)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".md", ".csv", ".json"):
+        raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = _rows(rows)
+    if suffix == ".json":
+        path.write_text(json.dumps(clean, indent=2) + "\n")
+    elif suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(clean[0]) if clean else list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(clean)
+    else:
+        path.write_text(to_markdown(rows))
+    return path
