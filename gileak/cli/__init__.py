@@ -1,0 +1,82 @@
+"""The `gileak` command line: errors become messages and exit codes here, and only here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gileak.cli import bench, catalog, inspect_cmd
+from gileak.cli.state import state
+
+app = typer.Typer(
+    name="gileak",
+    help="Benchmark gradient-inversion attacks and defenses for federated learning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-paragraph errors."),
+) -> None:
+    state.debug = debug
+
+
+app.command("bench")(bench.bench)
+app.command("list")(catalog.list_components)
+app.command("plugins")(catalog.plugins)
+app.command("inspect")(inspect_cmd.inspect)
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gileak` script. Returns (and exits with) the exit code."""
+    from rich.console import Console
+
+    from gileak.errors import GileakError, UserInputError
+
+    args = sys.argv[1:] if argv is None else argv
+    state.debug = "--debug" in args
+    err = Console(stderr=True)
+    try:
+        app(args=args, prog_name="gileak", standalone_mode=False)
+        code = state.exit_code
+    except UserInputError as e:
+        if state.debug:
+            raise
+        err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
+        code = EXIT_USER_ERROR
+    except GileakError as e:
+        if state.debug:
+            raise
+        err.print(f"[bold red]Error:[/] {e}", highlight=False)
+        code = EXIT_RUN_FAILED
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted.[/] Finished cells were written to the run directory.")
+        code = 130
+    except Exception as e:  # the command-line parser's own usage errors, exits and aborts
+        code = _parser_exit_code(e)
+        if code is None:
+            raise
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _parser_exit_code(error: Exception) -> int | None:
+    """Exit code for click's (or typer's vendored click's) exceptions; None for anything else.
+    Usage errors are shown as click shows them (a usage line and the problem, exit 2)."""
+    kinds = {cls.__name__ for cls in type(error).__mro__}
+    if "ClickException" in kinds:
+        error.show()
+        return int(error.exit_code)
+    if "Exit" in kinds and hasattr(error, "exit_code"):
+        return int(error.exit_code)
+    if "Abort" in kinds:
+        return 1
+    return None

@@ -1,0 +1,80 @@
+"""`gileak list` and `gileak plugins`: what is installed and what it takes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gileak.errors import UserInputError
+
+KIND_ARGS = {"attacks": "attack", "defenses": "defense", "models": "model", "datasets": "dataset"}
+
+
+def _format_default(value) -> str:
+    if value is None:
+        return "(required)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def list_components(
+    kind: Annotated[
+        Optional[str], typer.Argument(help="attacks, defenses, models or datasets (all when left out).")
+    ] = None,
+) -> None:
+    """List components with their one-line description and parameters (defaults)."""
+    from gileak.registry import get_registry
+
+    registry = get_registry()
+    if kind is not None and kind not in KIND_ARGS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, list(KIND_ARGS), n=1)
+        hint = f" Did you mean: {close[0]}?" if close else ""
+        raise UserInputError(f"Unknown kind '{kind}'.{hint} Use one of: {', '.join(KIND_ARGS)}.")
+    console = Console()
+    for plural, singular in KIND_ARGS.items():
+        if kind is not None and plural != kind:
+            continue
+        table = Table(title=plural.capitalize(), title_justify="left", show_lines=False)
+        table.add_column("Name", style="bold cyan", no_wrap=True)
+        table.add_column("Description")
+        table.add_column("Parameters (default)")
+        table.add_column("Plugin", style="dim")
+        for name in registry.names(singular):
+            cls = registry.get(singular, name)
+            params = "\n".join(
+                f"{p}: {t} = {_format_default(d)}" + (f"  [dim]{desc}[/]" if desc else "")
+                for p, t, d, desc in cls.parameter_table()
+            ) or "—"
+            table.add_row(name, cls.description, params, registry.owners[(singular, name)])
+        console.print(table)
+
+
+def plugins(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+) -> None:
+    """Show which plugins were loaded, what each registered, and which failed (with the reason)."""
+    from gileak.plugins import plugin_records
+
+    records = plugin_records()
+    if json_output:
+        import json
+
+        typer.echo(json.dumps([r.__dict__ for r in records], indent=2))
+        return
+    console = Console()
+    table = Table(title="Plugins", title_justify="left")
+    table.add_column("Plugin", style="bold")
+    table.add_column("Distribution")
+    table.add_column("Registered")
+    table.add_column("Status")
+    for record in records:
+        registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in record.registered.items()) or "—"
+        status = f"[red]failed: {record.error}[/]" if record.error else "[green]loaded[/]"
+        table.add_row(record.name, record.distribution, registered, status)
+    console.print(table)

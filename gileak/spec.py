@@ -1,0 +1,208 @@
+"""BenchSpec: what a benchmark run is made of, from CLI flags or a TOML spec file, and the
+component mini-syntax `name(key=value,...)` where `a|b|c` expands into a grid."""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gileak.errors import SpecError
+
+KIND_FIELDS = {"models": "model", "datasets": "dataset", "defenses": "defense", "attacks": "attack"}
+
+
+class ComponentRef(BaseModel):
+    """One component of the matrix: its registered name, its raw parameters, and the label the
+    user wrote for it (one grid point of it), which is what the leaderboard shows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str = ""
+
+    def model_post_init(self, _context: Any) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", format_label(self.name, self.params))
+
+
+def format_label(name: str, params: dict[str, Any]) -> str:
+    if not params:
+        return name
+    inner = ",".join(f"{k}={_format_value(v)}" for k, v in params.items())
+    return f"{name}({inner})"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "+".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def _split_top_level(text: str, separator: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise SpecError(f"Unbalanced ')' in '{text}'.")
+        if char == separator and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth != 0:
+        raise SpecError(f"Unbalanced '(' in '{text}': write name(key=value,...).")
+    parts.append("".join(current))
+    return parts
+
+
+def parse_component(text: str) -> list[ComponentRef]:
+    """`dp(sigma=0.001|0.01,clip=20)` -> two refs. Values stay strings here; each component's
+    own Params validates and converts them."""
+    text = text.strip()
+    if not text:
+        raise SpecError("Empty component name in a comma-separated list.")
+    if "(" not in text:
+        if ")" in text or "=" in text:
+            raise SpecError(f"Cannot read '{text}': write name or name(key=value,...).")
+        return [ComponentRef(name=text, label=text)]
+    if not text.endswith(")"):
+        raise SpecError(f"Cannot read '{text}': parameters go in parentheses at the end, name(key=value,...).")
+    name, inner = text[: text.index("(")].strip(), text[text.index("(") + 1 : -1]
+    if not name:
+        raise SpecError(f"Cannot read '{text}': the component name is missing before '('.")
+    grid: dict[str, list[str]] = {}
+    for item in _split_top_level(inner, ","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise SpecError(f"Cannot read parameter '{item.strip()}' of '{name}': write key=value.")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if not key or not value:
+            raise SpecError(f"Cannot read parameter '{item.strip()}' of '{name}': write key=value.")
+        if key in grid:
+            raise SpecError(f"Parameter '{key}' is given twice in '{text}'.")
+        grid[key] = [v.strip() for v in value.split("|")]
+    return _expand(name, grid, original=text)
+
+
+def _expand(name: str, grid: dict[str, list[Any]], original: str | None = None) -> list[ComponentRef]:
+    if not grid:
+        return [ComponentRef(name=name, label=original or name)]
+    keys = list(grid)
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    refs = []
+    for combo in combos:
+        params = dict(zip(keys, combo))
+        label = original if len(combos) == 1 and original else format_label(name, params)
+        refs.append(ComponentRef(name=name, params=params, label=label))
+    return refs
+
+
+def parse_components(text: str) -> list[ComponentRef]:
+    """A comma-separated list of components, each possibly a grid."""
+    refs: list[ComponentRef] = []
+    for item in _split_top_level(text, ","):
+        refs.extend(parse_component(item))
+    return refs
+
+
+def _from_spec_value(value: Any, field: str) -> list[ComponentRef]:
+    """A spec file may give components as a string, a list of strings, or tables
+    {name = "dp", sigma = [0.001, 0.01]} where a list value is a grid."""
+    items = value if isinstance(value, list) else [value]
+    refs: list[ComponentRef] = []
+    for item in items:
+        if isinstance(item, str):
+            refs.extend(parse_components(item))
+        elif isinstance(item, dict):
+            if "name" not in item:
+                raise SpecError(f"An entry of '{field}' is a table without a 'name' key: {item}.")
+            params = {k: v for k, v in item.items() if k != "name"}
+            grid = {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}
+            refs.extend(_expand(str(item["name"]), grid))
+        else:
+            raise SpecError(f"Cannot read an entry of '{field}': {item!r}. Use a string or a table.")
+    return refs
+
+
+class BenchSpec(BaseModel):
+    """A benchmark matrix and its budgets. Defaults are the quick profile: about a minute on a CPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="cnn")])
+    datasets: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="photos")])
+    defenses: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="none")])
+    attacks: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="ig")])
+    victims: int = Field(8, ge=1, description="images attacked per cell")
+    iterations: int = Field(5000, ge=1, description="attack iteration cap per victim")
+    rounds: int = Field(0, ge=0, description="federated training rounds before the attack")
+    seeds: int = Field(1, ge=1, description="independent repetitions (model init, training, victims)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: Path | None = None
+    exports: list[Path] = Field(default_factory=list)
+
+    @field_validator("models", "datasets", "defenses", "attacks", mode="before")
+    @classmethod
+    def _components(cls, value: Any, info) -> Any:
+        if isinstance(value, (str, dict)) or (isinstance(value, list) and value and not isinstance(value[0], ComponentRef)):
+            return _from_spec_value(value, info.field_name)
+        return value
+
+    @field_validator("models", "datasets", "defenses", "attacks")
+    @classmethod
+    def _not_empty(cls, value: list[ComponentRef], info) -> list[ComponentRef]:
+        if not value:
+            raise ValueError(f"at least one of {info.field_name} is needed")
+        labels = [ref.label for ref in value]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"listed twice: {', '.join(duplicates)}")
+        return value
+
+
+def build_spec(spec_file: Path | None = None, **overrides: Any) -> BenchSpec:
+    """Spec-file values first, then every explicit (non-None) override from the CLI."""
+    values: dict[str, Any] = {}
+    if spec_file is not None:
+        values.update(read_spec_file(spec_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return BenchSpec(**values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in e.errors()
+        )
+        where = f" in {spec_file}" if spec_file else ""
+        raise SpecError(f"Invalid benchmark spec{where}: {problems}.") from e
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"Spec file '{path}' does not exist.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"Spec file '{path}' is not valid TOML: {e}.") from e
+    allowed = set(BenchSpec.model_fields)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise SpecError(f"Spec file '{path}' has unknown keys: {', '.join(hints)}. Allowed: {', '.join(sorted(allowed))}.")
+    return data

@@ -1,0 +1,111 @@
+"""The CLI contract: commands, exit codes, messages without tracebacks, exports."""
+
+import json
+
+import pytest
+
+from gileak import Attack, hookimpl
+from gileak.cli import main
+from gileak.plugins import load_plugins, reset
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_component_exits_2_with_a_suggestion_and_no_traceback(capsys):
+    code, out, err = run(capsys, "bench", "--attacks", "igg", "--datasets", "digits")
+    assert code == 2
+    assert "Unknown attack 'igg'. Did you mean: ig?" in err.replace("\n", " ")
+    assert "Traceback" not in out + err
+
+
+def test_bad_parameter_exits_2_naming_the_parameter(capsys):
+    code, _, err = run(capsys, "bench", "--attacks", "ig(lr=fast)")
+    assert code == 2 and "lr" in err and "Traceback" not in err
+    code, _, err = run(capsys, "bench", "--attacks", "ig(learning_rate=1)")
+    assert code == 2 and "learning_rate" in err
+
+
+def test_bad_flag_value_and_bad_export_suffix_exit_2(capsys):
+    assert run(capsys, "bench", "--victims", "0")[0] == 2
+    assert run(capsys, "bench", "--export", "out.xlsx")[0] == 2
+    assert run(capsys, "bench", "--victims", "many")[0] == 2
+
+
+def test_list_shows_components_with_parameters_and_defaults(capsys):
+    code, out, _ = run(capsys, "list", "attacks")
+    assert code == 0 and "ig" in out and "tv" in out and "0.01" in out
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and all(word in out for word in ("Models", "cnn", "Datasets", "photos", "Defenses", "none"))
+    assert run(capsys, "list", "atacks")[0] == 2
+
+
+def test_inspect_counts_the_papers_cnn_exactly(capsys):
+    code, out, _ = run(capsys, "inspect", "--model", "cnn", "--dataset", "photos", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["params"] == 65962  # paper Table II, CIFAR-10 sized input
+    assert summary["params_added"] == 0 and summary["params_added_pct"] == 0
+    assert summary["upload_bytes"] == 65962 * 4
+    code, out, _ = run(capsys, "inspect", "--model", "cnn", "--dataset", "photos")
+    assert code == 0 and "65,962" in out and "Slot(position=2" in out
+
+
+def test_a_small_bench_prints_a_leaderboard_and_exports_every_format(capsys, tmp_path):
+    exports = [tmp_path / "lb.json", tmp_path / "lb.csv", tmp_path / "lb.md"]
+    args = ["bench", "--datasets", "digits", "--victims", "2", "--iterations", "5", "--out", str(tmp_path / "run")]
+    for path in exports:
+        args += ["--export", str(path)]
+    code, out, _ = run(capsys, *args)
+    assert code == 0, out
+    rows = json.loads(exports[0].read_text())
+    assert len(rows) == 1
+    required = {"dataset", "model", "defense", "attack", "ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean",
+                "lpips_mean", "accuracy_mean", "accuracy_std", "params", "params_added_pct", "victims", "seconds"}
+    assert required <= set(rows[0])
+    assert rows[0]["victims"] == 2 and rows[0]["accuracy_mean"] is None and 0 <= rows[0]["ssim_mean"] <= 1
+    assert "dataset" in exports[1].read_text().splitlines()[0]
+    assert "|" in exports[2].read_text()
+    assert list((tmp_path / "run" / "reconstructions").glob("*.png"))
+    assert len((tmp_path / "run" / "victims.jsonl").read_text().splitlines()) == 2
+
+
+class _BrokenAttack(Attack):
+    name = "broken"
+    description = "Fails on purpose."
+
+    def attack(self, target, *, seeds, max_iterations, progress=None):
+        raise RuntimeError("boom")
+
+
+class _BrokenPlugin:
+    @staticmethod
+    @hookimpl
+    def register_attacks(register):
+        register(_BrokenAttack)
+
+
+@pytest.fixture
+def broken_attack_plugin():
+    reset()
+    pm = load_plugins()
+    pm.register(_BrokenPlugin, name="broken-test-plugin")
+    try:
+        yield
+    finally:
+        pm.unregister(name="broken-test-plugin")
+        reset()
+
+
+def test_a_failing_cell_is_reported_the_others_finish_and_the_exit_code_is_1(capsys, tmp_path, broken_attack_plugin):
+    out_json = tmp_path / "lb.json"
+    code, out, _ = run(capsys, "bench", "--attacks", "ig,broken", "--datasets", "digits", "--victims", "1",
+                       "--iterations", "3", "--out", str(tmp_path / "run"), "--export", str(out_json))
+    assert code == 1
+    assert "boom" in out
+    rows = {row["attack"]: row for row in json.loads(out_json.read_text())}
+    assert rows["ig"]["status"] == "ok" and rows["ig"]["ssim_mean"] is not None
+    assert rows["broken"]["status"] == "failed" and "boom" in rows["broken"]["error"]
