@@ -76,7 +76,14 @@ def get_registry() -> Registry:
     for kind, plural in PLURAL.items():
         for impl in getattr(pm.hook, f"register_{plural}").get_hookimpls():
             collected: list[type[Component]] = []
-            impl.function(register=collected.append)
+            try:
+                impl.function(register=collected.append)
+            except Exception as e:  # a plugin whose hook breaks is reported; the others still load
+                if impl.plugin_name not in by_name:
+                    raise
+                record = by_name[impl.plugin_name]
+                record.error = record.error or f"register_{plural} raised {type(e).__name__}: {e}"
+                continue
             for cls in collected:
                 registry.add(kind, cls, impl.plugin_name)
                 if impl.plugin_name in by_name:
