@@ -70,6 +70,8 @@ def plan(spec: BenchSpec) -> Plan:
     models = [resolve("model", r) for r in spec.models]
     defenses = [resolve("defense", r) for r in spec.defenses]
     attacks = [resolve("attack", r) for r in spec.attacks]
+    for dataset in datasets:  # a missing folder or file is the user's to fix: say so before anything runs
+        dataset.component.info()
     cells = [
         TrainingCell(dataset, model, defense, seed, attacks)
         for dataset in datasets
@@ -190,7 +192,6 @@ class Runner:
                     self._run_cell(cell, device, results, failures, lpips_available, per_victim_log)
                 except Exception as e:  # one broken cell must not lose the others
                     reason = self._reason(e)
-                    failures.append((cell.key, reason))
                     for attack in cell.attacks:
                         key = (cell.dataset.label, cell.model.label, cell.defense.label, attack.label)
                         results.setdefault(key, [])
@@ -224,8 +225,11 @@ class Runner:
         self.describe(f"{cell.key}: loading data")
         splits = self._splits(cell.dataset, cell.seed)
         info_shape = tuple(splits.train_images.shape[1:])
-        num_classes = int(max(splits.train_labels.max(), splits.test_labels.max()) + 1)
-        num_classes = max(num_classes, cell.dataset.component.info().num_classes)
+        labels_seen = torch.cat([splits.train_labels, splits.test_labels])
+        num_classes = max(cell.dataset.component.info().num_classes, int(labels_seen.max()) + 1)
+        if spec.rounds > 0 and len(splits.test_images) == 0:
+            raise UserInputError(f"{cell.dataset.label} has no test images, so training accuracy cannot be "
+                                 "measured; give it a test split or use --rounds 0.")
         input_shape = cell.model.component.input_shape(info_shape)
         train_images = data.fit_images(splits.train_images, input_shape)
         test_images = data.fit_images(splits.test_images, input_shape)

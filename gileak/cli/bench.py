@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gileak.cli import completion
 from gileak.cli.state import state
@@ -99,5 +100,5 @@ def bench(
     if result.failures:
         console.print(f"[bold red]{len(result.failures)} failure(s):[/]")
         for where, reason in result.failures:
-            console.print(f"  [red]{where}[/]: {reason}", highlight=False)
+            console.print(f"  [red]{escape(where)}[/]: {escape(reason)}", highlight=False)
         state.exit_code = 1

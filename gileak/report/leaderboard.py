@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -32,7 +33,8 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     for row in rows:
         names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")]
         if row.get("status") == "failed":
-            table.add_row(*names, f"[red]failed: {row.get('error') or 'unknown reason'}[/]", *[""] * 8)
+            reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
+            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 8)
             continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
@@ -52,7 +54,7 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     notes.append("ASR = share of victims reconstructed with SSIM >= 0.5; lower SSIM/ASR = better privacy")
     partial = [r for r in rows if r.get("status") == "partial"]
     notes += [f"partial: {' | '.join(str(r[k]) for k in ('dataset', 'model', 'defense', 'attack'))}: "
-              f"{r.get('error')}" for r in partial]
+              f"{escape(str(r.get('error')))}" for r in partial]
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     console.print(table)
