@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args
+    state.exit_code = 0
     err = Console(stderr=True)
     try:
         app(args=args, prog_name="gileak", standalone_mode=False)
