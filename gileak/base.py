@@ -121,6 +121,15 @@ class Defense(Component):
 
 
 @dataclass
+class GradientTrace:
+    """Per-iteration cosine similarity of dummy and shared gradient, per layer (paper Figs. 5-6):
+    `cosine[t, i, l]` for iteration t, victim i, layer `layers[l]`; NaN once a victim stopped."""
+
+    layers: list[str]
+    cosine: torch.Tensor
+
+
+@dataclass
 class Reconstruction:
     """An attack's output: images in [0, 1] (N, C, H, W) and per-victim bookkeeping."""
 
@@ -128,7 +137,7 @@ class Reconstruction:
     iterations: list[int]
     final_loss: list[float]
     labels: torch.Tensor | None = None
-    trace: list[dict[str, float]] | None = None
+    trace: GradientTrace | None = None
     note: str = ""
 
 

@@ -147,6 +147,8 @@ class RunResult:
     rows: list[dict[str, Any]]
     failures: list[tuple[str, str]] = field(default_factory=list)
     lpips_note: str | None = None
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    traces: list[Path] = field(default_factory=list)
     out: Path | None = None
 
 
@@ -166,6 +168,8 @@ class Runner:
         self.describe = describe or (lambda s: None)
         self.debug = debug
         self._data_cache: dict[tuple[str, int], Any] = {}
+        self.notes: list[tuple[str, str]] = []
+        self.traces: list[Path] = []
 
     def _splits(self, dataset: Resolved, seed: int):
         key = (dataset.label, seed)
@@ -201,11 +205,14 @@ class Runner:
             per_victim_log.close()
         rows = self._rows(results, failures, lpips_reason if not lpips_available else None)
         torch.cuda.empty_cache() if device == "cuda" else None
-        return RunResult(rows, failures, None if lpips_available else lpips_reason, self.out)
+        real_failures = [(w, r) for w, r in failures if not r.startswith(NOT_APPLICABLE)]
+        notes = self.notes + [(w, r) for w, r in failures if r.startswith(NOT_APPLICABLE)]
+        return RunResult(rows, real_failures, None if lpips_available else lpips_reason, out=self.out, notes=notes,
+                         traces=self.traces)
 
     def _reason(self, error: Exception) -> str:
         if isinstance(error, NotApplicableError):
-            return f"not applicable: {error}"
+            return f"{NOT_APPLICABLE}{error}"
         if isinstance(error, GileakError):
             return str(error)
         text = f"{type(error).__name__}: {error}"
@@ -268,7 +275,7 @@ class Runner:
 
             try:
                 target = Target(net=net, shared_gradient=gradients, input_shape=input_shape,
-                                num_classes=num_classes, labels=labels)
+                                num_classes=num_classes, labels=labels, trace=spec.trace)
                 seeds = [_victim_seed(cell.seed, i) for i in range(len(victim_idx))]
                 reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
                                                          progress=progress)
@@ -291,6 +298,15 @@ class Runner:
             ))
             slug = _slug("__".join(key)) + f"__seed{cell.seed}"
             save_reconstruction_grid(originals, recon, self.out / "reconstructions" / f"{slug}.png")
+            if reconstruction.note:
+                self.notes.append((" | ".join(key), reconstruction.note))
+            if spec.trace:
+                if reconstruction.trace is None:
+                    self.notes.append((" | ".join(key), f"{attack.component.name} does not record gradient traces"))
+                else:
+                    from gileak.report.figures import save_trace
+
+                    self.traces += save_trace(reconstruction.trace, self.out / "traces" / slug, " | ".join(key))
             for i in range(len(ssim)):
                 log.write(json.dumps({
                     "dataset": key[0], "model": key[1], "defense": key[2], "attack": key[3], "seed": cell.seed,
@@ -330,7 +346,8 @@ class Runner:
             reason = failed.get(" | ".join(key))
             if not parts:
                 row.update({k: None for k in ROW_METRICS})
-                row.update(status="failed", error=reason or "failed")
+                status = "not applicable" if reason and reason.startswith(NOT_APPLICABLE) else "failed"
+                row.update(status=status, error=reason or "failed")
                 rows.append(row)
                 continue
             ssim = [v for p in parts for v in p.ssim]
@@ -359,6 +376,7 @@ class Runner:
         return rows
 
 
+NOT_APPLICABLE = "not applicable: "
 ROW_METRICS = ("ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean", "lpips_mean", "accuracy_mean",
                "accuracy_std", "params", "params_added_pct", "victims", "seconds")
 

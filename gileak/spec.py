@@ -151,6 +151,7 @@ class BenchSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path | None = None
     exports: list[Path] = Field(default_factory=list)
+    trace: bool = Field(False, description="record per-layer gradient cosine similarity per attack iteration")
 
     @field_validator("models", "datasets", "defenses", "attacks", mode="before")
     @classmethod

@@ -64,6 +64,8 @@ class Target:
     pixel_range: tuple[float, float] = (0.0, 1.0)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Asked by `--trace`: attacks that can, record per-layer gradient similarity per iteration.
+    trace: bool = False
 
     def __post_init__(self) -> None:
         if not self.params:

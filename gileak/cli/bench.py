@@ -53,6 +53,9 @@ def bench(
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [default: gileak-runs/<time>]")] = None,
     export: Annotated[Optional[list[Path]], typer.Option(help="Write the leaderboard to PATH (.md, .csv, .json); "
                                                               "repeatable.")] = None,
+    trace: Annotated[Optional[bool], typer.Option("--trace", help="Record, per attack iteration, the cosine "
+                                                  "similarity of dummy and victim gradient for every layer; "
+                                                  "writes a CSV and a PNG per cell under traces/.")] = None,
 ) -> None:
     """Train (optionally) and attack every cell of the matrix; print a leaderboard."""
     from gileak.report import export as export_rows
@@ -63,6 +66,7 @@ def bench(
     bench_spec = build_spec(
         spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, victims=victims,
         iterations=iterations, rounds=rounds, seeds=seeds, device=device, out=out, exports=export or None,
+        trace=trace,
     )
     for path in bench_spec.exports:
         if path.suffix.lower() not in (".md", ".csv", ".json"):
@@ -97,6 +101,10 @@ def bench(
         console.print(f"Exported {path}")
     export_rows(result.rows, run_dir / "leaderboard.json")
     console.print(f"Reconstructions (originals above, reconstructions below): {run_dir / 'reconstructions'}")
+    if result.traces:
+        console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
+    for where, note in result.notes:
+        console.print(f"  [yellow]note[/] {escape(where)}: {escape(note)}", highlight=False)
     if result.failures:
         console.print(f"[bold red]{len(result.failures)} failure(s):[/]")
         for where, reason in result.failures:

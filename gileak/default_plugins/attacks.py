@@ -1,4 +1,5 @@
-"""Built-in attacks: Inverting Gradients (Geiping et al.) as the paper configures it."""
+"""Built-in attacks: Inverting Gradients as the paper configures it, the paper's "Ignore"
+attack, the L-BFGS family (DLG, iDLG, CPL) and the analytic attack on a biased FC layer."""
 
 from __future__ import annotations
 
@@ -10,37 +11,206 @@ from gileak import Attack, hookimpl
 from gileak.errors import NotApplicableError
 
 
+def _labels(target, mode: str, attack: str):
+    """The labels an attack works with: the ones the threat model grants, or recovered
+    analytically from each victim's gradient (iDLG)."""
+    if mode == "recover":
+        from gileak.engine.labels import recover_labels
+
+        try:
+            return recover_labels(target.net, target.shared_gradient, target.input_shape)
+        except ValueError as e:
+            raise NotApplicableError(f"{attack} cannot recover labels: {e}") from e
+    if target.labels is None:
+        raise NotApplicableError(f"{attack} needs the victims' labels and the threat model did not grant them; "
+                                 "use labels=recover")
+    return target.labels
+
+
+def _kept(target, ignore_stochastic: bool, attack: str) -> tuple[tuple[str, ...] | None, str]:
+    """The gradients matched: all, or — ignoring stochastic gradients (paper Eq. 4) — only
+    those of layers that run before the first stochastic module's decoder, found by tracing
+    the forward pass."""
+    if not ignore_stochastic:
+        return None, ""
+    from gileak.nets import first_stochastic_cut
+
+    cut = first_stochastic_cut(target.net, target.input_shape)
+    if cut is None:
+        return None, f"{attack}: the model has no stochastic module; all gradients were matched"
+    if not cut:
+        raise NotApplicableError(f"{attack}: the first stochastic module's decoder is the first layer; "
+                                 "there is no gradient left to match")
+    return tuple(cut), f"{attack}: matched {len(cut)} of {len(target.params)} parameter gradients"
+
+
+LabelMode = Literal["known", "recover"]
+
+
+class _IGParams(Attack.Params):
+    lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
+    tv: float = Field(0.01, ge=0, description="weight of the total-variation prior")
+    signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
+    plateau: int = Field(400, ge=1, description="iterations without improvement before lr x 0.1")
+    stop_patience: int = Field(4000, ge=1, description="stop a victim after this many iterations without improvement")
+    min_loss: float = Field(1e-5, ge=0, description="stop a victim once its loss is below this")
+    labels: LabelMode = Field("known", description="known (threat model of V-B) or recover (iDLG)")
+
+
 class InvertingGradients(Attack):
-    """Cosine gradient distance + total-variation prior, Adam with a plateau schedule."""
+    """Cosine distance + total-variation prior, Adam with a plateau schedule."""
 
     name = "ig"
     description = "Inverting Gradients: cosine distance + TV prior, signed Adam, plateau schedule (paper V-B)."
 
-    class Params(Attack.Params):
-        lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
-        tv: float = Field(0.01, ge=0, description="weight of the total-variation prior")
-        signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
-        plateau: int = Field(400, ge=1, description="iterations without improvement before lr x 0.1")
-        stop_patience: int = Field(4000, ge=1, description="stop a victim after this many iterations without improvement")
-        min_loss: float = Field(1e-5, ge=0, description="stop a victim once its loss is below this")
-        labels: Literal["known"] = Field("known", description="labels the server knows (threat model of V-B)")
+    class Params(_IGParams):
+        ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
 
-    def config(self):
+    ignore_stochastic_always = False
+
+    def config(self, keep=None, trace: bool = False):
         from gileak.engine import MatchingConfig
 
         p = self.params
         return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed,
-                              plateau_patience=p.plateau, stop_patience=p.stop_patience, min_loss=p.min_loss)
+                              plateau_patience=p.plateau, stop_patience=p.stop_patience, min_loss=p.min_loss,
+                              keep=keep, trace=trace)
 
     def attack(self, target, *, seeds, max_iterations, progress=None):
         from gileak.engine import gradient_matching
 
-        if target.labels is None:
-            raise NotApplicableError("ig needs the victims' labels and the threat model did not grant them")
-        return gradient_matching(target, self.config(), seeds=seeds, max_iterations=max_iterations,
-                                 labels=target.labels, progress=progress)
+        labels = _labels(target, self.params.labels, self.name)
+        ignore = self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
+        keep, note = _kept(target, ignore, self.name)
+        result = gradient_matching(target, self.config(keep, target.trace), seeds=seeds,
+                                   max_iterations=max_iterations, labels=labels, progress=progress)
+        result.note = note
+        return result
+
+
+class Ignore(InvertingGradients):
+    """IG that omits the gradients of the first stochastic module's decoder and every later
+    layer (paper Section III-B, Eq. 4)."""
+
+    name = "ignore"
+    description = "The paper's Ignore attack: IG matching only the gradients before the first stochastic decoder."
+    ignore_stochastic_always = True
+
+    class Params(_IGParams):
+        pass
+
+
+class DLG(Attack):
+    """Deep Leakage from Gradients (Zhu et al. 2019): Euclidean distance, L-BFGS, dummy labels."""
+
+    name = "dlg"
+    description = "DLG: Euclidean gradient distance, L-BFGS, dummy labels optimised with the image."
+
+    class Params(Attack.Params):
+        lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
+        labels: Literal["optimise", "known", "recover"] = Field(
+            "optimise", description="optimise dummy labels (DLG), known, or recover (iDLG)")
+        ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+
+    label_weight = 0.0
+
+    def lbfgs_config(self, keep):
+        from gileak.engine.lbfgs import LBFGSConfig
+
+        return LBFGSConfig(lr=self.params.lr, keep=keep, optimise_labels=self.params.labels == "optimise",
+                           label_weight=self.label_weight)
+
+    def attack(self, target, *, seeds, max_iterations, progress=None):
+        from gileak.engine.lbfgs import lbfgs_matching
+
+        labels = None if self.params.labels == "optimise" else _labels(target, self.params.labels, self.name)
+        keep, note = _kept(target, self.params.ignore_stochastic, self.name)
+        result = lbfgs_matching(target, self.lbfgs_config(keep), seeds=seeds, max_iterations=max_iterations,
+                                labels=labels, progress=progress)
+        result.note = note
+        return result
+
+
+class IDLG(DLG):
+    """Improved DLG (Zhao et al. 2020): labels recovered analytically first, then DLG."""
+
+    name = "idlg"
+    description = "iDLG: labels recovered from the classifier's gradient, then DLG (Euclidean, L-BFGS)."
+
+    class Params(Attack.Params):
+        lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
+        labels: LabelMode = Field("recover", description="recover (iDLG) or known")
+        ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+
+
+class CPL(DLG):
+    """Wei et al. 2020 (CPL): DLG plus a label-based regulariser, ||softmax(F(x')) − y||²."""
+
+    name = "cpl"
+    description = "CPL: L-BFGS gradient matching + label regulariser ||softmax(F(x')) - y||^2 (Wei et al.)."
+
+    class Params(Attack.Params):
+        lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
+        label_weight: float = Field(0.01, ge=0, description="weight of the label-based regulariser")
+        labels: LabelMode = Field("recover", description="recover (from the gradient) or known")
+        ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+
+    def lbfgs_config(self, keep):
+        from gileak.engine.lbfgs import LBFGSConfig
+
+        return LBFGSConfig(lr=self.params.lr, keep=keep, label_weight=self.params.label_weight)
+
+
+class Analytic(Attack):
+    """Closed form (paper Supplementary): for a fully connected layer y = Wx + b,
+    dL/dW_i = dL/db_i · x^T, so x = dL/dW_i / dL/db_i for any row i with dL/db_i ≠ 0."""
+
+    name = "analytic"
+    description = "Analytic: the input of the first biased FC layer in closed form, x = (dL/db_i)^-1 dL/dW_i."
+
+    def attack(self, target, *, seeds, max_iterations, progress=None):
+        import math
+
+        import torch
+        from torch import nn
+
+        from gileak.base import Reconstruction
+        from gileak.nets import forward_order
+
+        modules = dict(target.net.named_modules())
+        order = forward_order(target.net, target.input_shape)
+        layer_name = None
+        for name in order:
+            prefix = name.rsplit(".", 1)[0] if "." in name else ""
+            module = modules.get(prefix)
+            if isinstance(module, nn.Linear) and module.bias is not None and module.bias.requires_grad:
+                layer_name = prefix
+                break
+        if layer_name is None:
+            raise NotApplicableError("analytic needs a fully connected layer with a bias; this model has none "
+                                     "(e.g. after `nobias`)")
+        first = order[0].rsplit(".", 1)[0] if "." in order[0] else ""
+        layer = modules[layer_name]
+        if first != layer_name or layer.in_features != math.prod(target.input_shape):
+            raise NotApplicableError(
+                f"analytic recovers the input of the first biased FC layer ('{layer_name}'), but layers run "
+                "before it, so its input is a feature vector, not the image; it applies to models whose first "
+                "layer is fully connected (e.g. an MLP)")
+        weight = target.shared_gradient[f"{layer_name}.weight"]  # (N, out, in)
+        bias = target.shared_gradient[f"{layer_name}.bias"]  # (N, out)
+        row = bias.abs().argmax(dim=1)
+        picked_bias = bias.gather(1, row.view(-1, 1))
+        if bool((picked_bias == 0).any()):
+            raise NotApplicableError("analytic: a victim's bias gradient is all zero, so its input cannot be solved")
+        picked_weight = weight[torch.arange(weight.shape[0]), row]
+        images = (picked_weight / picked_bias).view(-1, *target.input_shape)
+        if progress is not None:
+            progress(max_iterations)
+        return Reconstruction(images=images.detach().cpu(), iterations=[1] * len(images),
+                              final_loss=[0.0] * len(images), note="closed form: one division per victim")
 
 
 @hookimpl
 def register_attacks(register):
-    register(InvertingGradients)
+    for attack in (InvertingGradients, Ignore, DLG, IDLG, CPL, Analytic):
+        register(attack)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad, grad_and_value, vmap
 
-from gileak.base import Reconstruction
+from gileak.base import GradientTrace, Reconstruction
 from gileak.engine.schedule import PerVictimAdam, PlateauAndStop
 from gileak.threat import Target
 
@@ -32,6 +32,7 @@ class MatchingConfig:
     init: str = "randn"
     keep: tuple[str, ...] | None = None  # parameter names whose gradients are matched; None = all
     minmax: bool = True  # attacker-side post-processing: scale each reconstruction to [0, 1]
+    trace: bool = False  # record the per-layer cosine(dummy, shared gradient) of every iteration
     vectorized: bool = True  # False: a plain per-victim loop (the reference the tests compare to)
 
 
@@ -57,10 +58,34 @@ def initial_images(shape: tuple[int, ...], seeds: list[int], init: str, device) 
     return torch.stack(images).to(device)
 
 
+def layer_groups(target: Target) -> dict[str, list[str]]:
+    """Trainable parameters grouped by the module that owns them, in forward order."""
+    from gileak.nets import forward_order
+
+    order = [n for n in forward_order(target.net, target.input_shape) if n in target.params]
+    order += [n for n in target.params if n not in order]
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
+    return groups
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    dot = sum((x * y).sum() for x, y in zip(a, b))
+    norm_a = sum(x.pow(2).sum() for x in a).sqrt()
+    norm_b = sum(y.pow(2).sum() for y in b).sqrt()
+    return dot / (norm_a * norm_b + 1e-12)
+
+
 def make_victim_loss(target: Target, config: MatchingConfig) -> Callable:
-    """loss(image, label, shared_gradient_tuple) -> (total, reconstruction) for ONE victim."""
+    """loss(image, label, shared_gradient_tuple) -> (total, aux) for ONE victim; aux holds the
+    gradient distance and, when tracing, the per-layer cosine similarities (one per layer of
+    `victim_loss.layers`). `shared_gradient_tuple` follows `victim_loss.names`."""
     names = list(config.keep) if config.keep is not None else list(target.params)
-    kept = {n: target.params[n] for n in names}
+    groups = layer_groups(target) if config.trace else {}
+    # The dummy gradient is taken for the matched parameters only, or for all when tracing.
+    wanted = list(dict.fromkeys(names + [n for g in groups.values() for n in g]))
+    kept = {n: target.params[n] for n in wanted}
     rest = {n: p for n, p in target.params.items() if n not in kept}
     rest.update(target.frozen)
 
@@ -72,20 +97,25 @@ def make_victim_loss(target: Target, config: MatchingConfig) -> Callable:
 
     def victim_loss(image, label, shared):
         dummy = dummy_gradient(image, label)
+        by_name = dict(zip(wanted, shared))
         dummy_flat = [dummy[n] for n in names]
+        shared_flat = [by_name[n] for n in names]
         if config.distance == "cosine":
-            dot = sum((d * s).sum() for d, s in zip(dummy_flat, shared))
-            dummy_norm = sum(d.pow(2).sum() for d in dummy_flat).sqrt()
-            shared_norm = sum(s.pow(2).sum() for s in shared).sqrt()
-            reconstruction = 1 - dot / (dummy_norm * shared_norm + 1e-12)
+            reconstruction = 1 - _cosine(dummy_flat, shared_flat)
         elif config.distance == "euclidean":
-            reconstruction = sum((d - s).pow(2).sum() for d, s in zip(dummy_flat, shared))
+            reconstruction = sum((d - s).pow(2).sum() for d, s in zip(dummy_flat, shared_flat))
         else:
             raise ValueError(f"Unknown distance '{config.distance}'")
         total = reconstruction + config.tv_weight * total_variation(image) if config.tv_weight else reconstruction
-        return total, reconstruction
+        if groups:
+            cosines = torch.stack([_cosine([dummy[n] for n in g], [by_name[n] for n in g]) for g in groups.values()])
+            return total, (reconstruction, cosines.detach())
+        return total, (reconstruction,)
 
-    victim_loss.names = names  # type: ignore[attr-defined]
+    victim_loss.names = wanted  # type: ignore[attr-defined]
+    modules = dict(target.net.named_modules())
+    victim_loss.layers = [f"{g} ({type(modules[g]).__name__})" if g in modules else g  # type: ignore[attr-defined]
+                          for g in groups]
     return victim_loss
 
 
@@ -117,6 +147,7 @@ def gradient_matching(
     active = torch.ones(num_victims, dtype=torch.bool, device=device)
     iterations = torch.zeros(num_victims, dtype=torch.long, device=device)
 
+    trace_rows: list[torch.Tensor] = []
     step = grad_and_value(victim_loss, has_aux=True)
     batched_step = vmap(step, randomness="different")
 
@@ -124,7 +155,8 @@ def gradient_matching(
         if not bool(active.any()):
             break
         if config.vectorized:
-            image_grads, (losses, _) = batched_step(images, labels, shared)
+            image_grads, (losses, aux) = batched_step(images, labels, shared)
+            cosines = aux[1] if config.trace else None
         else:
             results = [
                 step(images[i], labels[i], tuple(s[i] for s in shared)) if active[i] else None
@@ -132,6 +164,12 @@ def gradient_matching(
             ]
             image_grads = torch.stack([r[0] if r is not None else torch.zeros_like(images[i]) for i, r in enumerate(results)])
             losses = torch.stack([r[1][0] if r is not None else torch.zeros((), device=device) for r in results])
+            cosines = None
+            if config.trace:
+                nan = torch.full((len(victim_loss.layers),), float("nan"), device=device)
+                cosines = torch.stack([r[1][1][1] if r is not None else nan for r in results])
+        if cosines is not None:  # a stopped victim's row is NaN: it no longer moves
+            trace_rows.append(torch.where(active.view(-1, 1), cosines, torch.nan).cpu())
         losses = losses.detach()
         losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
 
@@ -158,4 +196,5 @@ def gradient_matching(
         iterations=iterations.cpu().tolist(),
         final_loss=schedule.best.cpu().tolist(),
         labels=labels.cpu(),
+        trace=GradientTrace(victim_loss.layers, torch.stack(trace_rows)) if config.trace and trace_rows else None,
     )

@@ -40,3 +40,46 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
     array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     Image.fromarray(array).save(path)
     return path
+
+
+def save_trace(trace, stem: str | Path, title: str = "") -> list[Path]:
+    """Write a gradient trace as `<stem>.csv` (iteration, victim, one cosine column per layer)
+    and `<stem>.png` (mean cosine over victims per layer vs iteration, as paper Fig. 6)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    cosine = trace.cosine.float()  # (T, N, L)
+    steps, victims, _ = cosine.shape
+    csv_path = stem.with_suffix(".csv")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "victim", *trace.layers])
+        for t in range(steps):
+            for i in range(victims):
+                values = cosine[t, i]
+                if bool(values.isnan().all()):
+                    continue
+                writer.writerow([t + 1, i, *(f"{v:.6g}" for v in values.tolist())])
+    mean = cosine.nanmean(dim=1)  # (T, L)
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    colours = plt.cm.viridis(torch.linspace(0, 0.9, len(trace.layers)).tolist())
+    x = torch.arange(1, steps + 1)
+    for layer, name in enumerate(trace.layers):
+        axis.plot(x, mean[:, layer], label=name, color=colours[layer], linewidth=1)
+    axis.set_xlabel("attack iteration")
+    axis.set_ylabel("cosine(dummy, victim gradient)")
+    axis.set_ylim(-1.05, 1.05)
+    axis.set_title(title or "gradient similarity per layer", fontsize=9)
+    axis.legend(fontsize=7, loc="lower right")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    png_path = stem.with_suffix(".png")
+    figure.savefig(png_path)
+    plt.close(figure)
+    return [csv_path, png_path]

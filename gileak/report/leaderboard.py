@@ -36,6 +36,9 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
             table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 8)
             continue
+        if row.get("status") == "not applicable":
+            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 8)
+            continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
         if row.get("accuracy_mean") is not None:

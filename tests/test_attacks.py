@@ -1,0 +1,155 @@
+"""Attack contracts: label recovery, the ignored-layer selection, the L-BFGS family, the
+analytic attack, and gradient traces."""
+
+import pytest
+import torch
+from torch import nn
+
+from gileak.default_plugins.attacks import CPL, DLG, IDLG, Analytic, Ignore, InvertingGradients
+from gileak.default_plugins.defenses import NoDefense
+from gileak.default_plugins.models import CNN
+from gileak.engine.labels import recover_labels
+from gileak.errors import NotApplicableError
+from gileak.nets import first_stochastic_cut
+from gileak.threat import Target, shared_gradients
+
+
+def cnn_target(n=3, bias=True, seed=0, shape=(3, 32, 32), net=None):
+    torch.manual_seed(seed)
+    net = net or CNN().build(shape, 10)
+    if not bias:
+        net[-1].register_parameter("bias", None)
+    images = torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
+    labels = torch.tensor([7, 2, 5, 0, 9][:n])
+    gradients = shared_gradients(net, NoDefense(), images, labels, seed=seed)
+    return Target(net=net, shared_gradient=gradients, input_shape=shape, num_classes=10, labels=labels), images
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_labels_are_recovered_from_the_classifier_gradient(bias):
+    target, _ = cnn_target(n=5, bias=bias)
+    assert recover_labels(target.net, target.shared_gradient, target.input_shape).tolist() == [7, 2, 5, 0, 9]
+
+
+class Noisy(nn.Module):
+    """A minimal stochastic bottleneck: encoder, random sample, decoder."""
+
+    stochastic = True
+    decoder_prefixes = ("decoder",)
+
+    def __init__(self, channels):
+        super().__init__()
+        self.encoder = nn.Conv2d(channels, channels, 1, bias=False)
+        self.decoder = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x):
+        z = self.encoder(x)
+        return self.decoder(z + torch.randn_like(z))
+
+
+def test_ignore_keeps_exactly_the_layers_before_the_stochastic_decoder():
+    torch.manual_seed(0)
+    net = CNN().build((3, 32, 32), 10)
+    net[5].insert(Noisy(32))  # slot at position 2
+    cut = first_stochastic_cut(net, (3, 32, 32))
+    assert cut == ["0.weight", "0.bias", "3.weight", "3.bias", "5.body.0.encoder.weight"]
+    target, _ = cnn_target(n=2, net=net)
+    reconstruction = Ignore().attack(target, seeds=[0, 1], max_iterations=2)
+    assert "matched 5 of" in reconstruction.note
+    plain, _ = cnn_target(n=2)
+    assert "no stochastic module" in Ignore().attack(plain, seeds=[0, 1], max_iterations=1).note
+
+
+def test_ig_and_ignore_agree_without_a_stochastic_module():
+    target, _ = cnn_target(n=2)
+    a = InvertingGradients().attack(target, seeds=[3, 4], max_iterations=5)
+    b = Ignore().attack(target, seeds=[3, 4], max_iterations=5)
+    torch.testing.assert_close(a.images, b.images)
+
+
+def test_ig_with_recovered_labels_needs_no_labels():
+    target, _ = cnn_target(n=2)
+    target.labels = None
+    with pytest.raises(NotApplicableError, match="labels=recover"):
+        InvertingGradients().attack(target, seeds=[0, 1], max_iterations=1)
+    result = InvertingGradients(labels="recover").attack(target, seeds=[0, 1], max_iterations=2)
+    assert result.labels.tolist() == [7, 2]
+
+
+def tiny_mlp_target(n=2, bias=True, seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12, bias=bias), nn.Sigmoid(), nn.Linear(12, 4))
+    images = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    labels = torch.tensor([1, 3][:n])
+    gradients = shared_gradients(net, NoDefense(), images, labels, seed=seed)
+    return Target(net=net, shared_gradient=gradients, input_shape=(1, 4, 4), num_classes=4, labels=labels), images
+
+
+def test_analytic_reconstruction_is_exact_on_a_biased_fc_layer():
+    target, images = tiny_mlp_target()
+    result = Analytic().attack(target, seeds=[0, 1], max_iterations=1)
+    torch.testing.assert_close(result.images, images, rtol=1e-4, atol=1e-5)
+
+
+def test_analytic_is_not_applicable_without_a_biased_first_fc_layer():
+    target, _ = tiny_mlp_target(bias=False)
+    with pytest.raises(NotApplicableError, match="input of the first biased FC"):
+        Analytic().attack(target, seeds=[0, 1], max_iterations=1)
+    cnn, _ = cnn_target(n=1, bias=False)
+    with pytest.raises(NotApplicableError, match="nobias"):
+        Analytic().attack(cnn, seeds=[0], max_iterations=1)
+
+
+def test_dlg_reconstructs_a_small_input_and_finds_its_label():
+    target, images = tiny_mlp_target()
+    result = DLG().attack(target, seeds=[0, 1], max_iterations=60)
+    assert result.labels.tolist() == [1, 3]
+    raw = DLG()
+    raw_config = raw.lbfgs_config(None)
+    raw_config.minmax = False
+    from gileak.engine.lbfgs import lbfgs_matching
+
+    exact = lbfgs_matching(target, raw_config, seeds=[0, 1], max_iterations=60, labels=None)
+    assert (exact.images[0] - images[0]).abs().max() < 1e-2  # victim 1 may stop in a local minimum, as in DLG
+    assert exact.final_loss[0] < 1e-6
+
+
+@pytest.mark.parametrize("attack", [DLG(), IDLG(), CPL()])
+def test_lbfgs_attacks_give_a_victim_the_same_result_alone_or_in_a_batch(attack):
+    target, _ = tiny_mlp_target()
+    both = attack.attack(target, seeds=[5, 6], max_iterations=4)
+    alone_target = Target(net=target.net, shared_gradient={k: v[1:] for k, v in target.shared_gradient.items()},
+                          input_shape=target.input_shape, num_classes=4, labels=target.labels[1:])
+    alone = attack.attack(alone_target, seeds=[6], max_iterations=4)
+    torch.testing.assert_close(both.images[1:], alone.images)
+
+
+def test_idlg_and_cpl_use_recovered_labels():
+    target, _ = tiny_mlp_target()
+    target.labels = None
+    assert IDLG().attack(target, seeds=[0, 1], max_iterations=2).labels.tolist() == [1, 3]
+    assert CPL().attack(target, seeds=[0, 1], max_iterations=2).labels.tolist() == [1, 3]
+
+
+def test_trace_records_a_cosine_per_layer_per_iteration():
+    target, _ = cnn_target(n=2)
+    target.trace = True
+    result = InvertingGradients().attack(target, seeds=[0, 1], max_iterations=6)
+    trace = result.trace
+    assert trace.layers == ["0 (Conv2d)", "3 (Conv2d)", "6 (Conv2d)", "10 (Linear)"]
+    assert trace.cosine.shape == (6, 2, 4)
+    assert bool(((trace.cosine >= -1.0001) & (trace.cosine <= 1.0001)).all())
+    # the distance IG minimises is 1 - cosine over all layers together; per layer it starts low
+    assert trace.cosine[-1, :, -1].mean() > 0.5
+
+
+def test_trace_files_are_written(tmp_path):
+    from gileak.report.figures import save_trace
+
+    target, _ = cnn_target(n=2)
+    target.trace = True
+    trace = InvertingGradients().attack(target, seeds=[0, 1], max_iterations=3).trace
+    csv_path, png_path = save_trace(trace, tmp_path / "cell", "title")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "iteration,victim,0 (Conv2d),3 (Conv2d),6 (Conv2d),10 (Linear)"
+    assert len(lines) == 1 + 3 * 2 and png_path.stat().st_size > 1000
