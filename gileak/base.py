@@ -16,6 +16,16 @@ if TYPE_CHECKING:  # heavy imports stay out of `gileak --help`
     from gileak.threat import Target
 
 
+class _Required:
+    """Marks a parameter without a default in `parameter_table` (None is a legitimate default)."""
+
+    def __repr__(self) -> str:
+        return "(required)"
+
+
+REQUIRED = _Required()
+
+
 class Component:
     """A named, parameterised piece of a benchmark. Subclasses set `name` and `description`."""
 
@@ -44,7 +54,7 @@ class Component:
         rows = []
         for pname, info in cls.Params.model_fields.items():
             annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-            default = None if info.is_required() else info.default
+            default = REQUIRED if info.is_required() else info.default
             rows.append((pname, annotation, default, info.description or ""))
         return rows
 

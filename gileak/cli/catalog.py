@@ -14,8 +14,12 @@ KIND_ARGS = {"attacks": "attack", "defenses": "defense", "models": "model", "dat
 
 
 def _format_default(value) -> str:
-    if value is None:
+    from gileak.base import REQUIRED
+
+    if value is REQUIRED:
         return "(required)"
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)

@@ -1,0 +1,122 @@
+"""Variational bottleneck modules that defenses insert into a model's slots.
+
+Both modules are stochastic: in training mode they draw a reparameterised sample
+b = mu + sigma * eps with eps ~ N(0, 1) from `torch.randn_like` (so they follow the global
+RNG stream, work on any device, and draw different noise per sample under
+`torch.func.vmap(..., randomness="different")`). In eval mode they are deterministic and pass
+mu to the decoder. Every forward (train or eval) leaves `self.aux_loss = beta * KL`, with
+KL(N(mu, sigma) || N(0, 1)) summed over the latent elements and averaged over the batch; the
+client loss adds it (`gileak.nets.aux_loss`).
+
+They declare `stochastic = True` and `decoder_prefixes = ("decoder",)`, so that
+`gileak.nets.first_stochastic_cut` keeps the encoder's parameters and drops the decoder and
+everything after it (the "ignore" attack of the paper, Eq. 4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over every dimension but the first (the batch) and
+    averaged over the batch. Zero exactly when mu = 0 and sigma = 1; never negative."""
+    log_var = 2.0 * torch.log(sigma.clamp_min(1e-12))
+    per_element = 0.5 * (sigma.square() + mu.square() - 1.0 - log_var)
+    return per_element.flatten(1).sum(dim=1).mean()
+
+
+def _sample(mu: torch.Tensor, sigma: torch.Tensor, training: bool) -> torch.Tensor:
+    if not training:
+        return mu
+    return mu + sigma * torch.randn_like(mu)
+
+
+class PrecodeBottleneck(nn.Module):
+    """PRECODE's fully connected variational bottleneck (Scheliga et al., WACV 2022).
+
+    The features (without batch) are flattened to `hwc` values; `encoder` =
+    Linear(hwc, 2K, bias=False) gives mu and the raw sigma, sigma = softplus(raw). In training
+    mode b = mu + sigma * randn_like(mu); in eval mode b = mu (deterministic). `decoder` =
+    Linear(K, hwc, bias=False) maps b back, reshaped to the input's feature shape. Parameters
+    added: 2(hwc*K) + (K*hwc). Sets `aux_loss = beta * KL` on every forward.
+    """
+
+    stochastic = True
+    decoder_prefixes = ("decoder",)
+
+    def __init__(self, shape: tuple[int, ...], size: int, beta: float) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.size = int(size)
+        self.beta = float(beta)
+        features = math.prod(self.shape)
+        self.encoder = nn.Linear(features, 2 * self.size, bias=False)
+        self.decoder = nn.Linear(self.size, features, bias=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch_shape = features.shape[: features.dim() - len(self.shape)]
+        flat = features.reshape(-1, self.encoder.in_features)
+        mu, raw_sigma = self.encoder(flat).chunk(2, dim=1)
+        sigma = F.softplus(raw_sigma)
+        self.aux_loss = self.beta * gaussian_kl(mu, sigma)
+        sample = _sample(mu, sigma, self.training)
+        return self.decoder(sample).reshape(*batch_shape, *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, K={self.size}, beta={self.beta}"
+
+
+class ConvBottleneck(nn.Module):
+    """The Convolutional Variational Bottleneck (CVB) of the paper (Sec. IV, Fig. 8).
+
+    `mu` and `sigma` are kernel x kernel Conv2d(c, K_E, bias=False, padding="same");
+    sigma = softplus(clamp(raw, -5, 5)). In training mode b = mu + sigma * randn_like(mu); in
+    eval mode b = mu (deterministic). `decoder` = 1x1 Conv2d(K_E, c, bias=False). Parameters
+    added: 2(k^2*c*K_E) + (K_E*c). Sets `aux_loss = beta * KL` on every forward.
+
+    Image features are (c, h, w). Token features (P, F) with F a perfect square are viewed as
+    (P, sqrt F, sqrt F), tokens as channels, as the paper does for the ViT.
+    """
+
+    stochastic = True
+    decoder_prefixes = ("decoder",)
+
+    def __init__(self, shape: tuple[int, ...], kernel: int, latent_channels: int, beta: float) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        if len(self.shape) == 3:
+            self.image_shape = self.shape
+        elif len(self.shape) == 2 and math.isqrt(self.shape[1]) ** 2 == self.shape[1]:
+            side = math.isqrt(self.shape[1])
+            self.image_shape = (self.shape[0], side, side)
+        else:
+            raise ValueError(
+                "A convolutional bottleneck needs features (C, H, W) or tokens (P, F) with F a square; "
+                f"got {self.shape}"
+            )
+        channels = self.image_shape[0]
+        self.kernel = int(kernel)
+        self.latent_channels = int(latent_channels)
+        self.beta = float(beta)
+        self.mu = nn.Conv2d(channels, self.latent_channels, self.kernel, padding="same", bias=False)
+        self.sigma = nn.Conv2d(channels, self.latent_channels, self.kernel, padding="same", bias=False)
+        self.decoder = nn.Conv2d(self.latent_channels, channels, 1, bias=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch_shape = features.shape[: features.dim() - len(self.shape)]
+        images = features.reshape(-1, *self.image_shape)
+        mu = self.mu(images)
+        sigma = F.softplus(self.sigma(images).clamp(-5.0, 5.0))
+        self.aux_loss = self.beta * gaussian_kl(mu, sigma)
+        sample = _sample(mu, sigma, self.training)
+        return self.decoder(sample).reshape(*batch_shape, *self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, kernel={self.kernel}, K_E={self.latent_channels}, beta={self.beta}"
