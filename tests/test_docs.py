@@ -1,0 +1,256 @@
+"""Keep the user documentation in step with the code: hooks, commands, options, links, and the
+plugin examples in docs/writing-plugins.md (compiled, and the attacks run on a tiny target)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pluggy
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+DOC_FILES = ("getting-started.md", "cli.md", "writing-plugins.md", "hooks.md")
+
+
+def _read(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def _hookspecs() -> dict[str, str]:
+    """name -> 'name(args)' of every hookspec, found through pluggy as gileak's manager does."""
+    from gileak import hookspecs
+
+    pm = pluggy.PluginManager("gileak")
+    pm.add_hookspecs(hookspecs)
+    specs = {}
+    for name in dir(pm.hook):
+        caller = getattr(pm.hook, name)
+        if name.startswith("_") or not isinstance(caller, pluggy.HookCaller) or caller.spec is None:
+            continue
+        function = caller.spec.function
+        specs[name] = f"{name}({', '.join(inspect.signature(function).parameters)})"
+    return specs
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+# --- hooks.md ---------------------------------------------------------------------------------
+
+
+def test_every_hookspec_is_documented_with_its_signature():
+    specs = _hookspecs()
+    assert specs, "no hookspecs found in gileak.hookspecs"
+    headings = set(re.findall(r"^## (\w+\(.*?\))\s*$", _read("hooks.md"), flags=re.MULTILINE))
+    for name, signature in specs.items():
+        assert signature in headings, f"docs/hooks.md lacks a heading '## {signature}'"
+
+
+def test_hooks_md_documents_no_hook_that_does_not_exist():
+    specs = _hookspecs()
+    documented = re.findall(r"^## (\w+)\(", _read("hooks.md"), flags=re.MULTILINE)
+    assert documented
+    unknown = sorted(set(documented) - set(specs))
+    assert not unknown, f"docs/hooks.md documents hooks that gileak.hookspecs does not define: {unknown}"
+
+
+# --- cli.md -----------------------------------------------------------------------------------
+
+
+def _commands() -> dict[str, object]:
+    from gileak.cli import app
+
+    commands = {}
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        commands[name] = info.callback
+    return commands
+
+
+def test_every_command_has_a_heading_in_cli_md():
+    commands = _commands()
+    assert {"bench", "list", "plugins", "inspect"} <= set(commands)
+    headings = set(re.findall(r"^## gileak (\S+)", _read("cli.md"), flags=re.MULTILINE))
+    missing = sorted(set(commands) - headings)
+    assert not missing, f"docs/cli.md lacks '## gileak <cmd>' headings for: {missing}"
+    extra = sorted(headings - set(commands))
+    assert not extra, f"docs/cli.md has headings for commands that do not exist: {extra}"
+
+
+def _option_names(callback) -> list[str]:
+    """--kebab-name of each option of a command: the declared names when given, else the parameter's."""
+    import typing
+
+    hints = typing.get_type_hints(callback, include_extras=True)  # the CLI modules use string annotations
+    names = []
+    for parameter in inspect.signature(callback).parameters.values():
+        info = None
+        for meta in getattr(hints.get(parameter.name), "__metadata__", ()):
+            info = meta
+        if info is None and parameter.default is not inspect.Parameter.empty:
+            info = parameter.default
+        # In Annotated[..., typer.Option("--json")] typer keeps the first declaration as `default`.
+        candidates = [getattr(info, "default", None), *(getattr(info, "param_decls", None) or ())]
+        declared = [d for d in candidates if isinstance(d, str) and d.startswith("--")]
+        if "ArgumentInfo" in {cls.__name__ for cls in type(info).__mro__}:
+            continue
+        names.extend(declared or ["--" + parameter.name.replace("_", "-")])
+    return names
+
+
+def test_every_bench_option_is_in_cli_md():
+    cli = _read("cli.md")
+    options = _option_names(_commands()["bench"])
+    assert "--victims" in options and "--spec" in options
+    missing = [o for o in options if not re.search(re.escape(o) + r"(?![\w-])", cli)]
+    assert not missing, f"docs/cli.md does not mention these bench options: {missing}"
+
+
+def test_every_option_of_the_other_commands_is_in_cli_md():
+    cli = _read("cli.md")
+    for name, callback in _commands().items():
+        for option in _option_names(callback):
+            assert re.search(re.escape(option) + r"(?![\w-])", cli), f"docs/cli.md misses {option} of {name}"
+
+
+# --- README -----------------------------------------------------------------------------------
+
+
+def test_readme_links_to_every_doc_and_they_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in DOC_FILES:
+        assert (DOCS / name).is_file(), f"docs/{name} is missing"
+        assert f"(docs/{name})" in readme, f"README.md does not link to docs/{name}"
+
+
+def test_relative_links_between_docs_resolve():
+    for name in DOC_FILES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", _read(name)):
+            if "://" in target:
+                continue
+            assert (DOCS / target).exists(), f"docs/{name} links to missing {target}"
+
+
+# --- writing-plugins.md -----------------------------------------------------------------------
+
+
+def test_plugin_examples_compile():
+    blocks = _python_blocks(_read("writing-plugins.md"))
+    assert any("(Attack)" in block for block in blocks), "writing-plugins.md shows no attack"
+    for index, block in enumerate(blocks):
+        compile(block, f"writing-plugins.md[python block {index}]", "exec")
+
+
+def test_pyproject_example_declares_the_entry_point_group():
+    import tomllib
+
+    toml_blocks = re.findall(r"```toml\n(.*?)```", _read("writing-plugins.md"), flags=re.DOTALL)
+    assert toml_blocks
+    data = tomllib.loads(toml_blocks[0])
+    entry_points = data["project"]["entry-points"]["gileak"]
+    assert entry_points == {"myattack": "gileak_myattack"}
+
+
+def _exec_block(block: str) -> dict:
+    namespace: dict = {"__name__": "gileak_docs_example"}
+    exec(compile(block, "writing-plugins.md", "exec"), namespace)
+    return namespace
+
+
+def _registered(namespace: dict, hook: str) -> list[type]:
+    collected: list[type] = []
+    namespace[hook](register=collected.append)
+    return collected
+
+
+@pytest.fixture(scope="module")
+def tiny_target():
+    import torch
+    from torch import nn
+
+    from gileak.default_plugins.defenses import NoDefense
+    from gileak.threat import Target, shared_gradients
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    images = torch.rand(2, 1, 4, 4)
+    labels = torch.tensor([0, 2])
+    gradients = shared_gradients(net, NoDefense(), images, labels)
+    return Target(net=net, shared_gradient=gradients, input_shape=(1, 4, 4), num_classes=3, labels=labels)
+
+
+@pytest.mark.parametrize("index", [i for i, b in enumerate(_python_blocks(_read("writing-plugins.md")))
+                                   if "(Attack)" in b])
+def test_attack_examples_register_and_run(index, tiny_target):
+    from gileak import Attack, NotApplicableError, Reconstruction
+    from gileak.registry import Registry
+    from gileak.threat import Target
+
+    namespace = _exec_block(_python_blocks(_read("writing-plugins.md"))[index])
+    classes = _registered(namespace, "register_attacks")
+    assert classes and all(issubclass(c, Attack) for c in classes)
+    registry = Registry()  # a private registry: the process-wide one is left alone
+    for cls in classes:
+        registry.add("attack", cls, "docs-example")
+        assert registry.get("attack", cls.name) is cls
+        assert cls.description
+        calls: list[int] = []
+        result = cls().attack(tiny_target, seeds=[1, 2], max_iterations=5, progress=calls.append)
+        assert isinstance(result, Reconstruction)
+        assert tuple(result.images.shape) == (2, 1, 4, 4)
+        assert len(result.iterations) == 2 and len(result.final_loss) == 2
+        assert 0 < sum(calls) <= 5
+        # victim i depends on seeds[i] alone: attacking victim 1 by itself gives the same image
+        alone = Target(net=tiny_target.net, shared_gradient={k: v[1:] for k, v in tiny_target.shared_gradient.items()},
+                       input_shape=tiny_target.input_shape, num_classes=3, labels=tiny_target.labels[1:])
+        single = cls().attack(alone, seeds=[2], max_iterations=5)
+        assert (single.images[0] - result.images[1]).abs().max() < 1e-4
+        # without labels the attack says it does not apply
+        unlabeled = Target(net=tiny_target.net, shared_gradient=tiny_target.shared_gradient,
+                           input_shape=tiny_target.input_shape, num_classes=3, labels=None)
+        with pytest.raises(NotApplicableError):
+            cls().attack(unlabeled, seeds=[1, 2], max_iterations=1)
+
+
+def test_defense_model_dataset_examples_work():
+    import torch
+
+    from gileak import Dataset, Defense, Model
+    from gileak.nets import Slot, slots
+
+    blocks = _python_blocks(_read("writing-plugins.md"))
+    defenses = [c for b in blocks if "(Defense)" in b for c in _registered(_exec_block(b), "register_defenses")]
+    models = [c for b in blocks if "(Model)" in b for c in _registered(_exec_block(b), "register_models")]
+    datasets = [c for b in blocks if "(Dataset)" in b for c in _registered(_exec_block(b), "register_datasets")]
+    assert defenses and models and datasets
+    assert all(issubclass(c, Defense) for c in defenses)
+
+    for dataset_cls in datasets:
+        assert issubclass(dataset_cls, Dataset)
+        dataset = dataset_cls()
+        info = dataset.info()
+        splits = dataset.load(seed=0)
+        assert tuple(splits.train_images.shape[1:]) == info.shape
+        assert splits.train_images.min() >= 0 and splits.train_images.max() <= 1
+        assert int(splits.train_labels.max()) < info.num_classes and len(splits.test_images) > 0
+
+    for model_cls in models:
+        assert issubclass(model_cls, Model)
+        model = model_cls()
+        shape = model.input_shape(info.shape)
+        net = model.build(shape, info.num_classes)
+        assert any(isinstance(m, Slot) for m in net.modules())
+        for defense_cls in defenses:
+            defended = model.build(shape, info.num_classes)
+            defense_cls().apply(defended)
+            logits = defended(splits.train_images[:3])
+            assert tuple(logits.shape) == (3, info.num_classes)
+            gradient = {n: torch.randn(p.shape) for n, p in defended.named_parameters()}
+            changed = defense_cls().transform_gradient(gradient, torch.Generator().manual_seed(0))
+            assert set(changed) == set(gradient)
+            assert all(changed[n].shape == gradient[n].shape for n in gradient)
+        assert slots(net)
