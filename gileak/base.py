@@ -126,8 +126,13 @@ class Defense(Component):
     def transform_gradient(
         self, gradient: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """Change one client's gradient before it is shared (pruning, quantisation, noise)."""
+        """Change one client's gradient before it is shared (pruning, quantisation, noise).
+        In federated training the same transform applies to each client's model update."""
         return gradient
+
+    def dp_sgd(self) -> tuple[float, float] | None:
+        """(clip, noise multiplier) when local training must be DP-SGD; None otherwise."""
+        return None
 
 
 @dataclass

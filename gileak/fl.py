@@ -33,6 +33,10 @@ class FLConfig:
     seed: int = 0
 
 
+#: δ of the (ε, δ) guarantee reported for DP training.
+DP_DELTA = 1e-5
+
+
 @dataclass
 class FLResult:
     """What a federated run produced. Round indices are 0-based positions in the curves."""
@@ -45,6 +49,7 @@ class FLResult:
     accuracy_at_best_val: float | None = None
     stopped_early: bool = False
     seconds: float = 0.0
+    epsilon: float | None = None
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -111,9 +116,6 @@ def _train_client(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     net.train()
     # The Parameters themselves go into the state so gradients reach them and the optimizer,
     # and training uses the very loss the attacked client step uses (β·KL included).
-    # Gradients are used as computed: a defense's upload transform (`transform_gradient`) is
-    # modelled on the attack path only; whether training applies it too is left to the
-    # training issue.
     state = dict(net.named_parameters()) | dict(net.named_buffers())
     for _epoch in range(config.local_epochs):
         order = torch.randperm(len(labels), generator=generator).to(labels.device)
@@ -121,6 +123,66 @@ def _train_client(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
             optimizer.zero_grad(set_to_none=True)
             client_loss(net, state, images[batch], labels[batch]).backward()
             optimizer.step()
+
+
+def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: FLConfig,
+                     generator: torch.Generator, clip: float, sigma: float, accountant) -> None:
+    """Local DP-SGD with Opacus: Poisson-sampled batches (rate batch/n, as the accountant
+    assumes), per-sample gradients clipped to `clip`, Gaussian noise of std clip·sigma, then
+    Adam. Every step is charged to the client's RDP `accountant`."""
+    import warnings
+
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from gileak.nets import aux_loss
+
+    n = len(labels)
+    sample_rate = min(1.0, config.batch_size / n)
+    steps = max(1, round(1 / sample_rate)) * config.local_epochs
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    device = params[0].device
+    noise = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GradSampleModule(net)
+        optimizer = DPOptimizer(torch.optim.Adam(params, lr=config.lr, betas=config.betas), noise_multiplier=sigma,
+                                max_grad_norm=clip, expected_batch_size=max(1, round(sample_rate * n)),
+                                generator=noise)
+        try:
+            for _ in range(steps):
+                chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().to(labels.device)
+                accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+                if len(chosen) == 0:  # an empty Poisson batch: no update, the step is still charged
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(images[chosen]), labels[chosen]) + aux_loss(net)
+                loss.backward()
+                optimizer.step()
+        finally:
+            model._close()
+    for p in params:  # leave no per-sample buffers behind for the next client
+        p.grad = None
+        for attribute in ("grad_sample", "summed_grad"):
+            if hasattr(p, attribute):
+                delattr(p, attribute)
+
+
+def _transform_upload(net: nn.Module, global_state: dict[str, torch.Tensor], defense,
+                      generator: torch.Generator) -> None:
+    """Apply the defense's upload transform (pruning, quantisation, noise) to the client's model
+    update, local − global, of every trainable parameter; `net` then holds global + transformed."""
+    from gileak.base import Defense
+
+    if defense is None or type(defense).transform_gradient is Defense.transform_gradient:
+        return
+    with torch.no_grad():
+        named = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        update = {n: p.detach() - global_state[n] for n, p in named.items()}
+        sent = defense.transform_gradient(update, generator)
+        for n, p in named.items():
+            p.copy_(global_state[n] + sent[n])
 
 
 def _detached_copy(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,6 +213,12 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
     # One seed for every client's split, as the runner uses it to find client 0's training part.
     splits = [client_split(indices, config.val_fraction, config.seed) for indices in client_indices]
     splits = [(train.to(device), val.to(device)) for train, val in splits]
+    dp = defense.dp_sgd() if defense is not None and hasattr(defense, "dp_sgd") else None
+    accountants = []
+    if dp is not None:
+        from opacus.accountants import RDPAccountant
+
+        accountants = [RDPAccountant() for _ in splits]
     sizes = [len(train) for train, _ in splits]
     if min(sizes) == 0:
         raise UserInputError("every client needs at least one training image; use fewer clients or more data")
@@ -167,7 +235,12 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
             shuffle = torch.Generator().manual_seed(_seed(config.seed, round_index, client))
             # Stochastic modules (variational bottlenecks) draw from the global stream.
             torch.manual_seed(_seed(config.seed, round_index, client, 1))
-            _train_client(net, train_images[train], train_labels[train], config, shuffle)
+            if dp is not None:
+                _train_client_dp(net, train_images[train], train_labels[train], config, shuffle, *dp,
+                                 accountants[client])
+            else:
+                _train_client(net, train_images[train], train_labels[train], config, shuffle)
+            _transform_upload(net, global_state, defense, shuffle)
             client_states.append(_detached_copy(net))
         global_state = fedavg(client_states, sizes)
         del client_states
@@ -200,5 +273,11 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
     else:
         result.accuracy = evaluate(net, test_images, test_labels, device=device)[1]
     result.state_dict = {name: value.cpu() for name, value in global_state.items()}
+    if accountants:  # the privacy spent by the client that spent the most, at δ = 1e-5
+        import warnings
+
+        with warnings.catch_warnings():  # opacus warns when the optimal RDP order is at the range's edge
+            warnings.simplefilter("ignore")
+            result.epsilon = max(a.get_epsilon(delta=DP_DELTA) for a in accountants)
     result.seconds = time.perf_counter() - started
     return result

@@ -140,6 +140,7 @@ class AttackResult:
     accuracy: float | None
     params: int
     params_added_pct: float
+    epsilon: float | None = None
 
 
 @dataclass
@@ -245,6 +246,7 @@ class Runner:
         base_params = count_trainable(cell.model.component.build(input_shape, num_classes))
         params = count_trainable(net)
         accuracy = None
+        epsilon = None
         fl_config = fl.FLConfig(rounds=max(spec.rounds, 1), seed=cell.seed)
         if spec.rounds > 0:
             clients = data.iid_partition(len(train_images), fl_config.clients, cell.seed)
@@ -255,6 +257,7 @@ class Runner:
             )
             self.advance(spec.rounds - trained.rounds_run)
             accuracy = trained.accuracy
+            epsilon = trained.epsilon
 
         victim_idx = data.pick_victims(self._victim_pool(len(train_images), fl_config, spec), spec.victims, cell.seed)
         victims = train_images[victim_idx].to(device)
@@ -294,7 +297,7 @@ class Runner:
             lpips = metrics.lpips_distances(recon, originals, device) if lpips_available else None
             results.setdefault(key, []).append(AttackResult(
                 ssim, psnr, mse, lpips, reconstruction.iterations, seconds, accuracy, params,
-                100.0 * (params - base_params) / base_params if base_params else 0.0,
+                100.0 * (params - base_params) / base_params if base_params else 0.0, epsilon,
             ))
             slug = _slug("__".join(key)) + f"__seed{cell.seed}"
             save_reconstruction_grid(originals, recon, self.out / "reconstructions" / f"{slug}.png")
@@ -362,6 +365,7 @@ class Runner:
                 lpips_mean=metrics.summarize(lpips)[0] if lpips else None,
                 accuracy_mean=metrics.summarize(accuracies)[0] if accuracies else None,
                 accuracy_std=metrics.summarize(accuracies)[1] if accuracies else None,
+                epsilon=max(eps) if (eps := [p.epsilon for p in parts if p.epsilon is not None]) else None,
                 params=parts[0].params,
                 params_added_pct=parts[0].params_added_pct,
                 victims=len(ssim),
@@ -378,7 +382,7 @@ class Runner:
 
 NOT_APPLICABLE = "not applicable: "
 ROW_METRICS = ("ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean", "lpips_mean", "accuracy_mean",
-               "accuracy_std", "params", "params_added_pct", "victims", "seconds")
+               "accuracy_std", "epsilon", "params", "params_added_pct", "victims", "seconds")
 
 
 def _finite(value: float) -> float | None:

@@ -154,3 +154,54 @@ def test_a_few_rounds_on_digits_beat_chance_by_far():
     assert result.rounds_run == 8 and not result.stopped_early
     assert result.accuracy > 0.5  # chance is 0.1; about 0.8 after 8 rounds
     assert result.val_loss_curve[-1] < result.val_loss_curve[0]
+
+
+def _small_cnn_data():
+    train_x, train_y, test_x, test_y = _random_data(num_train=100, num_test=20, shape=(1, 32, 32))
+    return train_x, train_y, test_x, test_y
+
+
+def test_dp_training_reports_a_finite_epsilon_that_grows_with_rounds_and_falls_with_noise():
+    from gileak.default_plugins.defenses import DPSGD
+
+    data_ = _small_cnn_data()
+    epsilons = {}
+    for sigma, rounds in ((1.0, 1), (1.0, 2), (2.0, 2)):
+        torch.manual_seed(0)
+        net = CNN().build((1, 32, 32), 10)
+        result = federated_train(net, DPSGD(sigma=sigma, clip=1.0), *data_,
+                                 FLConfig(rounds=rounds, clients=2, batch_size=16))
+        assert result.epsilon is not None and 0 < result.epsilon < float("inf")
+        epsilons[(sigma, rounds)] = result.epsilon
+    assert epsilons[(1.0, 2)] > epsilons[(1.0, 1)] > 0
+    assert epsilons[(2.0, 2)] < epsilons[(1.0, 2)]
+    torch.manual_seed(0)
+    plain = federated_train(CNN().build((1, 32, 32), 10), NoDefense(), *data_, FLConfig(rounds=1, clients=2))
+    assert plain.epsilon is None
+
+
+def test_dp_noise_changes_what_training_learns():
+    from gileak.default_plugins.defenses import DPSGD
+
+    data_ = _small_cnn_data()
+    states = []
+    for sigma in (0.0, 5.0):
+        torch.manual_seed(0)
+        net = CNN().build((1, 32, 32), 10)
+        states.append(federated_train(net, DPSGD(sigma=sigma, clip=1.0), *data_,
+                                      FLConfig(rounds=1, clients=2, batch_size=16)).state_dict)
+    assert not torch.allclose(states[0]["0.weight"], states[1]["0.weight"])
+
+
+def test_upload_transforms_apply_to_each_clients_model_update():
+    from gileak.default_plugins.defenses import GradientCompression
+
+    data_ = _small_cnn_data()
+    torch.manual_seed(0)
+    net = CNN().build((1, 32, 32), 10)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    # one client: the global update is that client's pruned update
+    federated_train(net, GradientCompression(ratio=0.9), *data_, FLConfig(rounds=1, clients=1))
+    for name, param in net.named_parameters():
+        changed = (param.detach() != start[name]).sum().item()
+        assert changed <= param.numel() - int(param.numel() * 0.9), name

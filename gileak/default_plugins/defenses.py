@@ -130,6 +130,9 @@ class DPSGD(Defense):
         clip: float = Field(20.0, gt=0, description="max per-sample gradient norm C")
         sigma: float = Field(0.01, ge=0, description="noise multiplier (noise std = sigma * C per summed gradient)")
 
+    def dp_sgd(self) -> tuple[float, float]:
+        return self.params.clip, self.params.sigma
+
     def client_gradient(self, net, images, labels, generator=None) -> dict[str, torch.Tensor]:
         """What one Opacus client step uploads: the gradient that `DPOptimizer.pre_step()`
         leaves in each trainable parameter's `.grad`, keyed by the net's parameter names. The

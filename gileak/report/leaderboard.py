@@ -43,6 +43,8 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         accuracy = "—"
         if row.get("accuracy_mean") is not None:
             accuracy = f"{_num(100 * row['accuracy_mean'], '{:.1f}')} ± {_num(100 * row['accuracy_std'], '{:.1f}')}"
+            if row.get("epsilon") is not None:
+                accuracy += f" (ε={_num(row['epsilon'], '{:.3g}')})"
         params = "—" if row.get("params") is None else f"{row['params']:,} (+{row['params_added_pct']:.1f}%)"
         table.add_row(
             *names, ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
@@ -54,6 +56,8 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     notes += [f"LPIPS —: {note}" for note in lpips_notes]
     if not has_accuracy:
         notes.append("acc —: no federated training in this run (--rounds 0); accuracy not measured")
+    if any(r.get("epsilon") is not None for r in rows):
+        notes.append("ε: DP-SGD privacy spent in training at δ = 1e-5 (Opacus RDP accountant; the client that spent most)")
     notes.append("ASR = share of victims reconstructed with SSIM >= 0.5; lower SSIM/ASR = better privacy")
     partial = [r for r in rows if r.get("status") == "partial"]
     notes += [f"partial: {' | '.join(str(r[k]) for k in ('dataset', 'model', 'defense', 'attack'))}: "
