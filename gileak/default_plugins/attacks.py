@@ -45,14 +45,18 @@ def _kept(target, ignore_stochastic: bool, attack: str) -> tuple[tuple[str, ...]
 
 
 LabelMode = Literal["known", "recover"]
+#: The paper's iteration cap (Section V-B); IG's patiences are given relative to it.
+PAPER_ITERATIONS = 20_000
 
 
 class _IGParams(Attack.Params):
     lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
     tv: float = Field(0.01, ge=0, description="weight of the total-variation prior")
     signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
-    plateau: int = Field(400, ge=1, description="iterations without improvement before lr x 0.1")
-    stop_patience: int = Field(4000, ge=1, description="stop a victim after this many iterations without improvement")
+    plateau: int | None = Field(None, ge=1, description="iterations without improvement before lr x 0.1; "
+                                "none = the paper's 400 of 20,000 scaled to the iteration cap (2%, at least 10)")
+    stop_patience: int | None = Field(None, ge=1, description="stop a victim after this many iterations without "
+                                      "improvement; none = the paper's 4,000 of 20,000 scaled (20%, at least 50)")
     min_loss: float = Field(1e-5, ge=0, description="stop a victim once its loss is below this")
     labels: LabelMode = Field("known", description="known (threat model of V-B) or recover (iDLG)")
 
@@ -68,12 +72,17 @@ class InvertingGradients(Attack):
 
     ignore_stochastic_always = False
 
-    def config(self, keep=None, trace: bool = False):
+    def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
+        """The paper's schedule (plateau 400, stop after 4,000 flat iterations, cap 20,000) keeps
+        its proportions when the cap is smaller, unless the patiences are given explicitly."""
         from gileak.engine import MatchingConfig
 
         p = self.params
+        scale = max_iterations / PAPER_ITERATIONS
+        plateau = p.plateau or max(10, round(400 * scale))
+        stop = p.stop_patience or max(50, round(4000 * scale))
         return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed,
-                              plateau_patience=p.plateau, stop_patience=p.stop_patience, min_loss=p.min_loss,
+                              plateau_patience=plateau, stop_patience=stop, min_loss=p.min_loss,
                               keep=keep, trace=trace)
 
     def attack(self, target, *, seeds, max_iterations, progress=None):
@@ -82,7 +91,7 @@ class InvertingGradients(Attack):
         labels = _labels(target, self.params.labels, self.name)
         ignore = self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
         keep, note = _kept(target, ignore, self.name)
-        result = gradient_matching(target, self.config(keep, target.trace), seeds=seeds,
+        result = gradient_matching(target, self.config(keep, target.trace, max_iterations), seeds=seeds,
                                    max_iterations=max_iterations, labels=labels, progress=progress)
         result.note = note
         return result
