@@ -109,3 +109,21 @@ def test_a_failing_cell_is_reported_the_others_finish_and_the_exit_code_is_1(cap
     rows = {row["attack"]: row for row in json.loads(out_json.read_text())}
     assert rows["ig"]["status"] == "ok" and rows["ig"]["ssim_mean"] is not None
     assert rows["broken"]["status"] == "failed" and "boom" in rows["broken"]["error"]
+
+
+def test_train_reports_accuracy_epsilon_curves_and_a_safe_checkpoint(capsys, tmp_path):
+    import torch
+
+    code, out, _ = run(capsys, "train", "--dataset", "digits", "--defense", "dp(sigma=1)", "--rounds", "2",
+                       "--clients", "2", "--out", str(tmp_path), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert 0 <= summary["accuracy_mean"] <= 1 and summary["accuracy_std"] == 0
+    assert summary["rounds"] == 2 and 0 < summary["epsilon"] < float("inf")
+    assert (tmp_path / "accuracy.csv").read_text().count("\n") == 1 + 2
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    state = torch.load(tmp_path / "model_seed0.pt", weights_only=True)
+    assert "0.weight" in state
+    code, out, _ = run(capsys, "train", "--dataset", "digits", "--rounds", "1", "--out", str(tmp_path / "b"), "--json")
+    assert code == 0 and json.loads(out)["epsilon"] is None
+    assert run(capsys, "train", "--defense", "dp(sigma=1|2)")[0] == 2

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from gileak.cli import bench, catalog, inspect_cmd
+from gileak.cli import bench, catalog, inspect_cmd, train_cmd
 from gileak.cli.state import state
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("bench")(bench.bench)
 app.command("list")(catalog.list_components)
 app.command("plugins")(catalog.plugins)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("train")(train_cmd.train)
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1

@@ -1,0 +1,144 @@
+"""`gileak train`: federated training of one (defended) model; accuracy over seeds, epsilon for
+DP, the accuracy curve (CSV + PNG) and a checkpoint of the global model per seed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from gileak.cli import completion
+from gileak.cli.state import state
+
+
+def _one(text: str, kind: str):
+    from gileak.errors import UserInputError
+    from gileak.runner import resolve
+    from gileak.spec import parse_component
+
+    found = parse_component(text)
+    if len(found) != 1:
+        raise UserInputError(f"train takes one {kind}, not a grid: '{text}' expands to {len(found)}.")
+    return resolve(kind, found[0]).component
+
+
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model.", autocompletion=completion.models)] = "cnn",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset.",
+                                         autocompletion=completion.datasets)] = "digits",
+    defense: Annotated[str, typer.Option("--defense", help="Defense.", autocompletion=completion.defenses)] = "none",
+    rounds: Annotated[int, typer.Option(min=1, help="Communication rounds (paper: 300).")] = 40,
+    clients: Annotated[int, typer.Option(min=1, help="IID clients.")] = 10,
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Local batch size.")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Local Adam learning rate.")] = 1e-3,
+    patience: Annotated[int, typer.Option(min=1, help="Stop after this many rounds without a lower mean "
+                                                      "client validation loss.")] = 40,
+    seeds: Annotated[int, typer.Option(min=1, help="Repetitions with different seeds.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output directory. [default: gileak-runs/train-<time>]")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Train a (defended) model with federated averaging and report its test accuracy."""
+    import time
+
+    import torch
+
+    from gileak import data, fl, metrics
+    from gileak.nets import count_trainable
+    from gileak.runner import build_net, pick_device
+
+    model_c, dataset_c, defense_c = _one(model, "model"), _one(dataset, "dataset"), _one(defense, "defense")
+    dataset_c.info()
+    run_device = pick_device(device)
+    out = out or Path("gileak-runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=json_output)
+    splits = dataset_c.load(seed=0)
+    input_shape = model_c.input_shape(tuple(splits.train_images.shape[1:]))
+    num_classes = dataset_c.info().num_classes
+    train_x = data.fit_images(splits.train_images, input_shape)
+    test_x = data.fit_images(splits.test_images, input_shape)
+    if len(test_x) == 0:
+        from gileak.errors import UserInputError
+
+        raise UserInputError(f"{dataset} has no test images to measure accuracy on; give it a test split.")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        for seed in range(seeds):
+            task = progress.add_task(f"seed {seed}: training", total=rounds)
+            net = build_net(model_c, defense_c, input_shape, num_classes, seed, run_device)
+            config = fl.FLConfig(rounds=rounds, clients=clients, local_epochs=local_epochs, batch_size=batch_size,
+                                 lr=lr, patience=patience, seed=seed)
+            result = fl.federated_train(net, defense_c, train_x, splits.train_labels, test_x, splits.test_labels,
+                                        config, device=run_device, progress=lambda _r, t=task: progress.advance(t))
+            progress.update(task, completed=rounds)
+            torch.save(result.state_dict, out / f"model_seed{seed}.pt")
+            results.append(result)
+    params = count_trainable(net)
+    accuracy_mean, accuracy_std = metrics.summarize([r.accuracy for r in results])
+    epsilons = [r.epsilon for r in results if r.epsilon is not None]
+    _write_curves(results, out)
+    summary = {
+        "model": model, "dataset": dataset, "defense": defense,
+        "accuracy_mean": accuracy_mean, "accuracy_std": accuracy_std,
+        "accuracies": [r.accuracy for r in results],
+        "rounds": max(r.rounds_run for r in results), "rounds_per_seed": [r.rounds_run for r in results],
+        "stopped_early": [r.stopped_early for r in results],
+        "epsilon": max(epsilons) if epsilons else None, "delta": fl.DP_DELTA if epsilons else None,
+        "params": params, "seconds": sum(r.seconds for r in results), "out": str(out),
+    }
+    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    eps = f", ε = {summary['epsilon']:.3g} at δ = 1e-5" if epsilons else ""
+    console.print(
+        f"[bold]{escape(model)} + {escape(defense)} on {escape(dataset)}[/]: test accuracy "
+        f"[bold]{100 * accuracy_mean:.2f} ± {100 * accuracy_std:.2f} %[/] over {seeds} seed(s); "
+        f"rounds run {summary['rounds_per_seed']}{eps}; {params:,} trainable parameters."
+    )
+    console.print(f"Accuracy curves, checkpoints and summary.json: {out}")
+
+
+def _write_curves(results, out: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with (out / "accuracy.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "round", "test_accuracy", "mean_val_loss"])
+        for seed, r in enumerate(results):
+            for i, (acc, val) in enumerate(zip(r.accuracy_curve, r.val_loss_curve), start=1):
+                writer.writerow([seed, i, f"{acc:.6g}", f"{val:.6g}"])
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for seed, r in enumerate(results):
+        axis.plot(range(1, len(r.accuracy_curve) + 1), [100 * a for a in r.accuracy_curve], label=f"seed {seed}")
+    axis.set_xlabel("communication round")
+    axis.set_ylabel("test accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png")
+    plt.close(figure)
+
+
+def load_checkpoint(path: str | Path):
+    """A saved global model state, loaded safely (tensors only)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
