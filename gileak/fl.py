@@ -50,6 +50,7 @@ class FLResult:
     stopped_early: bool = False
     seconds: float = 0.0
     epsilon: float | None = None
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -192,11 +193,13 @@ def _detached_copy(net: nn.Module) -> dict[str, torch.Tensor]:
 def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_labels: torch.Tensor,
                     test_images: torch.Tensor, test_labels: torch.Tensor, config: FLConfig | None = None,
                     device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None,
-                    client_indices: Sequence | None = None) -> FLResult:
+                    client_indices: Sequence | None = None, keep_rounds: Sequence[int] = ()) -> FLResult:
     """Train `net` (already transformed by `defense`) with FedAvg over `config.clients` IID
     clients; `net` holds the final global model on return. `client_indices` (one index set per
     client into the training set) replaces the seeded partition; each is split into train and
-    validation parts. `progress(round_index)` is called after every round. `defense` is taken for
+    validation parts. `progress(round_index)` is called after every round. The global state
+    after each round r in `keep_rounds` (1-based; 0 is the initial model) is kept in
+    `result.snapshots`. `defense` is taken for
     the client-step changes still to come (DP-SGD); its model transform is already in `net`."""
     config = config or FLConfig()
     started = time.perf_counter()
@@ -226,6 +229,8 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
 
     global_state = _detached_copy(net)
     result = FLResult(accuracy=math.nan)
+    if 0 in keep_rounds:
+        result.snapshots[0] = {name: value.cpu() for name, value in global_state.items()}
     best_val = math.inf
     rounds_without_improvement = 0
     for round_index in range(config.rounds):
@@ -253,6 +258,8 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
         result.val_loss_curve.append(val_loss)
         result.accuracy_curve.append(accuracy)
         result.rounds_run = round_index + 1
+        if result.rounds_run in keep_rounds:
+            result.snapshots[result.rounds_run] = {name: value.cpu() for name, value in global_state.items()}
         if progress is not None:
             progress(round_index)
 

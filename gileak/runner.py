@@ -170,6 +170,7 @@ class Runner:
         self.debug = debug
         self._data_cache: dict[tuple[str, int], Any] = {}
         self.notes: list[tuple[str, str]] = []
+        self.attacked_round: dict[str, int] = {}
         self.traces: list[Path] = []
 
     def _splits(self, dataset: Resolved, seed: int):
@@ -251,13 +252,22 @@ class Runner:
         if spec.rounds > 0:
             clients = data.iid_partition(len(train_images), fl_config.clients, cell.seed)
             self.describe(f"{cell.key}: federated training")
+            keep = (0,) if spec.attack_at == "init" else (int(spec.attack_at),) if spec.attack_at.isdigit() else ()
             trained = fl.federated_train(
                 net, cell.defense.component, train_images, splits.train_labels, test_images, splits.test_labels,
                 fl_config, device=device, progress=lambda _round: self.advance(1), client_indices=clients,
+                keep_rounds=keep,
             )
             self.advance(spec.rounds - trained.rounds_run)
             accuracy = trained.accuracy
             epsilon = trained.epsilon
+            if keep:
+                if keep[0] in trained.snapshots:
+                    net.load_state_dict(trained.snapshots[keep[0]])
+                else:  # early stopping ended training before that round
+                    self.notes.append((cell.key, f"training stopped after round {trained.rounds_run}, before "
+                                                 f"--attack-at {spec.attack_at}; the final model was attacked"))
+            self.attacked_round[cell.key] = keep[0] if keep and keep[0] in trained.snapshots else trained.rounds_run
 
         victim_idx = data.pick_victims(self._victim_pool(len(train_images), fl_config, spec), spec.victims, cell.seed)
         victims = train_images[victim_idx].to(device)

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gileak.errors import SpecError
 
@@ -151,7 +151,22 @@ class BenchSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: Path | None = None
     exports: list[Path] = Field(default_factory=list)
+    attack_at: str = Field("final", description="model state attacked: init, final, or a round number")
     trace: bool = Field(False, description="record per-layer gradient cosine similarity per attack iteration")
+
+    @field_validator("attack_at", mode="before")
+    @classmethod
+    def _attack_at(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if text in ("init", "final") or (text.isdigit() and int(text) >= 0):
+            return text
+        raise ValueError(f"must be init, final or a round number, not '{value}'")
+
+    @model_validator(mode="after")
+    def _attack_round_exists(self):
+        if self.attack_at.isdigit() and int(self.attack_at) > self.rounds:
+            raise ValueError(f"--attack-at {self.attack_at} is after the last of --rounds {self.rounds}")
+        return self
 
     @field_validator("models", "datasets", "defenses", "attacks", mode="before")
     @classmethod

@@ -127,3 +127,11 @@ def test_train_reports_accuracy_epsilon_curves_and_a_safe_checkpoint(capsys, tmp
     code, out, _ = run(capsys, "train", "--dataset", "digits", "--rounds", "1", "--out", str(tmp_path / "b"), "--json")
     assert code == 0 and json.loads(out)["epsilon"] is None
     assert run(capsys, "train", "--defense", "dp(sigma=1|2)")[0] == 2
+
+
+def test_attack_at_is_validated_and_runs(capsys, tmp_path):
+    assert run(capsys, "bench", "--rounds", "2", "--attack-at", "5")[0] == 2
+    assert run(capsys, "bench", "--attack-at", "later")[0] == 2
+    code, out, _ = run(capsys, "bench", "--datasets", "digits", "--victims", "1", "--iterations", "2", "--rounds",
+                       "1", "--attack-at", "init", "--out", str(tmp_path / "run"))
+    assert code == 0 and (tmp_path / "run" / "privacy_utility.png").exists()

@@ -205,3 +205,14 @@ def test_upload_transforms_apply_to_each_clients_model_update():
     for name, param in net.named_parameters():
         changed = (param.detach() != start[name]).sum().item()
         assert changed <= param.numel() - int(param.numel() * 0.9), name
+
+
+def test_snapshots_keep_the_initial_and_chosen_round_states():
+    data_ = _small_cnn_data()
+    torch.manual_seed(0)
+    net = CNN().build((1, 32, 32), 10)
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    result = federated_train(net, NoDefense(), *data_, FLConfig(rounds=2, clients=2), keep_rounds=(0, 1))
+    assert set(result.snapshots) == {0, 1}
+    torch.testing.assert_close(result.snapshots[0]["0.weight"], initial["0.weight"])
+    assert not torch.equal(result.snapshots[1]["0.weight"], result.state_dict["0.weight"])

@@ -71,3 +71,13 @@ def test_reconstruction_grid_puts_originals_above_reconstructions(tmp_path):
     assert width == 3 * 32 + 4 * 2  # three victims of 32 px (8 px upscaled 4x) with 2 px gaps
     assert image[2 + 16, 2 + 16] == 0  # an original (black) on top
     assert image[2 + 32 + 2 + 16, 2 + 16] == 255  # its reconstruction (white) below
+
+
+def test_privacy_utility_figure_needs_accuracy(tmp_path):
+    from gileak.report.figures import save_privacy_utility
+
+    assert save_privacy_utility(ROWS, tmp_path / "pu.png") is None
+    rows = [dict(ROWS[0], accuracy_mean=0.9, accuracy_std=0.01),
+            dict(ROWS[0], defense="none", ssim_mean=0.8, accuracy_mean=0.88, accuracy_std=0.0)]
+    path = save_privacy_utility(rows, tmp_path / "pu.png")
+    assert path.stat().st_size > 5000

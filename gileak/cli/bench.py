@@ -53,6 +53,9 @@ def bench(
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [default: gileak-runs/<time>]")] = None,
     export: Annotated[Optional[list[Path]], typer.Option(help="Write the leaderboard to PATH (.md, .csv, .json); "
                                                               "repeatable.")] = None,
+    attack_at: Annotated[Optional[str], typer.Option("--attack-at", help="Which global model the victims' "
+                                                     "gradients are computed on: init, final, or a round "
+                                                     "number R (1..--rounds). [default: final]")] = None,
     trace: Annotated[Optional[bool], typer.Option("--trace", help="Record, per attack iteration, the cosine "
                                                   "similarity of dummy and victim gradient for every layer; "
                                                   "writes a CSV and a PNG per cell under traces/.")] = None,
@@ -66,7 +69,7 @@ def bench(
     bench_spec = build_spec(
         spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, victims=victims,
         iterations=iterations, rounds=rounds, seeds=seeds, device=device, out=out, exports=export or None,
-        trace=trace,
+        trace=trace, attack_at=attack_at,
     )
     for path in bench_spec.exports:
         if path.suffix.lower() not in (".md", ".csv", ".json"):
@@ -101,6 +104,11 @@ def bench(
         console.print(f"Exported {path}")
     export_rows(result.rows, run_dir / "leaderboard.json")
     console.print(f"Reconstructions (originals above, reconstructions below): {run_dir / 'reconstructions'}")
+    from gileak.report.figures import save_privacy_utility
+
+    figure = save_privacy_utility(result.rows, run_dir / "privacy_utility.png")
+    if figure is not None:
+        console.print(f"Privacy-utility figure: {figure}")
     if result.traces:
         console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
     for where, note in result.notes:

@@ -83,3 +83,40 @@ def save_trace(trace, stem: str | Path, title: str = "") -> list[Path]:
     figure.savefig(png_path)
     plt.close(figure)
     return [csv_path, png_path]
+
+
+def save_privacy_utility(rows, path: str | Path, threshold: float = 0.5) -> Path | None:
+    """Accuracy against privacy (1 − SSIM) per leaderboard row, as the paper's Fig. 11: the
+    further up and right, the better a defense. The ASR threshold (SSIM = 0.5) is marked;
+    undefended rows are drawn differently. None when no row has both numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("accuracy_mean") is not None and r.get("ssim_mean") is not None]
+    if not points:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    axis.axvline(1 - threshold, color="grey", linestyle="--", linewidth=1)
+    axis.text(1 - threshold, 0.02, " SSIM = 0.5 (ASR threshold)", color="grey", fontsize=7,
+              transform=axis.get_xaxis_transform())
+    for row in points:
+        undefended = row["defense"] == "none"
+        x, y = 1 - row["ssim_mean"], 100 * row["accuracy_mean"]
+        axis.errorbar(x, y, xerr=row.get("ssim_std") or 0, yerr=100 * (row.get("accuracy_std") or 0),
+                      fmt="s" if undefended else "o", color="black" if undefended else "tab:blue",
+                      markersize=6, capsize=2, linewidth=0.8)
+        axis.annotate(f"{row['defense']} / {row['attack']}", (x, y), fontsize=6, xytext=(3, 3),
+                      textcoords="offset points")
+    axis.set_xlabel("privacy: 1 − SSIM (higher is more private)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_xlim(0, 1.05)
+    axis.grid(alpha=0.3)
+    axis.set_title("privacy–utility (squares: undefended)", fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
