@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from gileak.base import Reconstruction
-from gileak.engine.matching import MatchingConfig, initial_images, make_victim_loss
+from gileak.engine.matching import MatchingConfig, initial_images, make_victim_loss, minmax_scale
 from gileak.threat import Target
 
 
@@ -100,11 +100,7 @@ def lbfgs_matching(
             progress(share - reported)
             reported = share
 
-    final = torch.stack(images).clamp(*target.pixel_range) if not config.minmax else torch.stack(images)
-    if config.minmax:
-        flat = final.flatten(1)
-        lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
-        hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
-        final = (final - lo) / (hi - lo).clamp(min=1e-12)
+    final = torch.stack(images)
+    final = minmax_scale(final) if config.minmax else final.clamp(*target.pixel_range)
     return Reconstruction(images=final.detach().cpu(), iterations=iterations, final_loss=best_losses,
                           labels=torch.stack(found_labels).cpu())

@@ -36,6 +36,15 @@ class MatchingConfig:
     vectorized: bool = True  # False: a plain per-victim loop (the reference the tests compare to)
 
 
+def minmax_scale(images: torch.Tensor) -> torch.Tensor:
+    """Each image scaled to [0, 1] by its own min and max: attacker-side post-processing, as the
+    paper authors' code does before scoring; it uses no ground truth."""
+    flat = images.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, *([1] * (images.dim() - 1)))
+    hi = flat.max(dim=1).values.view(-1, *([1] * (images.dim() - 1)))
+    return (images - lo) / (hi - lo).clamp(min=1e-12)
+
+
 def total_variation(image: torch.Tensor) -> torch.Tensor:
     """Anisotropic total variation: mean absolute difference of neighbouring pixels."""
     dx = (image[..., :, 1:] - image[..., :, :-1]).abs().mean()
@@ -187,10 +196,7 @@ def gradient_matching(
 
     final = best_images
     if config.minmax:
-        flat = final.flatten(1)
-        lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
-        hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
-        final = (final - lo) / (hi - lo).clamp(min=1e-12)
+        final = minmax_scale(final)
     return Reconstruction(
         images=final.detach().cpu(),
         iterations=iterations.cpu().tolist(),
