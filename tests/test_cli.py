@@ -135,3 +135,13 @@ def test_attack_at_is_validated_and_runs(capsys, tmp_path):
     code, out, _ = run(capsys, "bench", "--datasets", "digits", "--victims", "1", "--iterations", "2", "--rounds",
                        "1", "--attack-at", "init", "--out", str(tmp_path / "run"))
     assert code == 0 and (tmp_path / "run" / "privacy_utility.png").exists()
+
+
+def test_train_profiles(capsys, tmp_path):
+    from gileak.cli.train_cmd import PROFILES
+
+    assert PROFILES["paper"] == {"rounds": 300, "seeds": 3}
+    assert run(capsys, "train", "--profile", "slow")[0] == 2
+    code, out, _ = run(capsys, "train", "--profile", "paper", "--rounds", "1", "--seeds", "1", "--clients", "2",
+                       "--out", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out)["profile"] == "paper" and json.loads(out)["rounds"] == 1
