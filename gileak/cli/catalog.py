@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+from gileak.cli.state import console as cli_console
 from rich.table import Table
 
 from gileak.errors import UserInputError
@@ -40,7 +40,7 @@ def list_components(
         close = difflib.get_close_matches(kind, list(KIND_ARGS), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""
         raise UserInputError(f"Unknown kind '{kind}'.{hint} Use one of: {', '.join(KIND_ARGS)}.")
-    console = Console()
+    console = cli_console()
     for plural, singular in KIND_ARGS.items():
         if kind is not None and plural != kind:
             continue
@@ -71,7 +71,7 @@ def plugins(
 
         typer.echo(json.dumps([r.__dict__ for r in records], indent=2))
         return
-    console = Console()
+    console = cli_console()
     table = Table(title="Plugins", title_justify="left")
     table.add_column("Plugin", style="bold")
     table.add_column("Distribution")

@@ -6,7 +6,7 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from gileak.cli.state import console as cli_console
 from rich.table import Table
 
 from gileak.cli import completion
@@ -40,7 +40,7 @@ def inspect(
         summary.update(model=model, dataset=dataset, defense=defense, layers=layers)
         typer.echo(json.dumps(summary, indent=2))
         return
-    console = Console()
+    console = cli_console()
     table = Table(title=f"{model} + {defense} on {dataset}: input {tuple(summary['input_shape'])}, "
                         f"{summary['num_classes']} classes", title_justify="left")
     table.add_column("Layer", style="cyan")

@@ -10,3 +10,16 @@ class State:
 
 
 state = State()
+
+
+def console(stderr: bool = False):
+    """A terminal gets its own width; a pipe or a log file gets a wide table, not an 80-column squeeze."""
+    import os
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=180)
