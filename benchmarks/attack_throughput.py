@@ -1,4 +1,7 @@
-"""Attack throughput: victim-iterations per second, batched (vmap) vs a per-victim loop.
+"""Attack throughput: victim-iterations per second, batched (vmap) vs a per-victim loop,
+and the useful FLOP/s — the FLOPs of one victim's attack step (torch.utils.flop_counter on a
+single-victim step) x victim-iterations per second — as a share of a 2048x2048 float32 matmul's
+FLOP/s measured in the same run.
 
 Usage: python benchmarks/attack_throughput.py [--victims 1,8,32,128] [--iterations 20] [--device auto]
 """
@@ -30,6 +33,37 @@ def measure(target: Target, labels: torch.Tensor, iterations: int, vectorized: b
     return target.num_victims * iterations / (time.perf_counter() - started)
 
 
+def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a size x size float32 matmul on this machine (best of `repeats`)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def step_flops(target: Target, labels: torch.Tensor) -> float:
+    """FLOPs of ONE victim's attack step (dummy gradient + distance + its gradient w.r.t. the image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gileak.engine.matching import make_victim_loss
+
+    victim_loss = make_victim_loss(target, MatchingConfig())
+    shared = tuple(target.shared_gradient[n][0] for n in victim_loss.names)
+    image = torch.rand(target.input_shape, device=target.device)
+    with FlopCounterMode(display=False) as counter:
+        torch.func.grad_and_value(victim_loss, has_aux=True)(image, labels[0], shared)
+    return float(counter.get_total_flops())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--victims", default="1,8,32,128")
@@ -39,7 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} model=cnn input=3x32x32")
-    print(f"{'victims':>8} {'batched it/s':>14} {'loop it/s':>12} {'ratio':>7}")
+    peak = matmul_flops(device)
+    print(f"2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'victims':>8} {'batched it/s':>14} {'loop it/s':>12} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
     for count in (int(v) for v in args.victims.split(",")):
         torch.manual_seed(0)
         net = CNN().build((3, 32, 32), 10).to(device)
@@ -48,7 +84,9 @@ def main() -> None:
         target = Target(net, shared_gradients(net, NoDefense(), images, labels), (3, 32, 32), 10, labels=labels)
         batched = measure(target, labels, args.iterations, vectorized=True)
         looped = measure(target, labels, args.loop_iterations, vectorized=False)
-        print(f"{count:>8} {batched:>14.0f} {looped:>12.0f} {batched / looped:>6.1f}x", flush=True)
+        useful = step_flops(target, labels) * batched
+        print(f"{count:>8} {batched:>14.0f} {looped:>12.0f} {batched / looped:>6.1f}x {useful / 1e9:>15.2f} "
+              f"{100 * useful / peak:>9.1f}%", flush=True)
 
 
 if __name__ == "__main__":
