@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from gileak import Model, hookimpl
 
 
@@ -42,6 +44,52 @@ class CNN(Model):
         return nn.Sequential(*layers)
 
 
+def _batchnorm1d(features: int):
+    """BatchNorm1d that, for a batch of ONE sample in training mode (a victim's single-image
+    step, and every victim of the vectorized attack), normalises with its running statistics
+    instead of failing: one sample has no batch variance. Larger batches behave as usual."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class BatchNorm1dOneSample(nn.BatchNorm1d):
+        def forward(self, x):
+            if self.training and x.shape[0] == 1:
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                    training=False, eps=self.eps)
+            return super().forward(x)
+
+    return BatchNorm1dOneSample(features)
+
+
+class MLP(Model):
+    """Four fully connected layers of 1024 with batch norm and ReLU, then the classifier
+    (paper Supplementary); positions 1-4 after each hidden layer."""
+
+    name = "mlp"
+    description = "The paper's MLP: 4 x (Linear 1024 + BatchNorm + ReLU) + classifier; bias=false drops every bias."
+
+    class Params(Model.Params):
+        bias: bool = Field(True, description="biases in every Linear layer (false: none, as in the Supplementary)")
+        width: int = Field(1024, ge=1, description="hidden width")
+
+    def build(self, input_shape, num_classes):
+        import math
+
+        from torch import nn
+
+        from gileak.nets import Slot
+
+        width, features = self.params.width, math.prod(input_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for position in range(1, 5):
+            layers += [nn.Linear(features, width, bias=self.params.bias), _batchnorm1d(width), nn.ReLU(),
+                       Slot(position, (width,), kind="vector")]
+            features = width
+        layers.append(nn.Linear(width, num_classes, bias=self.params.bias))
+        return nn.Sequential(*layers)
+
+
 @hookimpl
 def register_models(register):
     register(CNN)
+    register(MLP)
