@@ -254,3 +254,17 @@ def test_defense_model_dataset_examples_work():
             assert set(changed) == set(gradient)
             assert all(changed[n].shape == gradient[n].shape for n in gradient)
         assert slots(net)
+
+
+def test_every_builtin_component_and_parameter_is_in_components_md():
+    from gileak import registry
+
+    text = (ROOT / "docs" / "components.md").read_text()
+    reg = registry.get_registry()
+    for (kind, name), owner in reg.owners.items():
+        if not owner.startswith("gileak.default_plugins"):
+            continue
+        assert f"### `{name}`" in text, f"{kind} {name} is missing from docs/components.md"
+        section = text.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
+        for parameter, *_ in reg.components[kind][name].parameter_table():
+            assert f"`{parameter}`" in section, f"{kind} {name}: parameter {parameter} undocumented"
