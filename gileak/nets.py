@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -45,6 +48,23 @@ def aux_loss(net: nn.Module) -> torch.Tensor | float:
         if term is not None:
             total = total + term
     return total
+
+
+@contextmanager
+def batch_statistics_only(net: nn.Module) -> Iterator[None]:
+    """While inside, batch norms in training mode normalise with the batch's statistics, as in
+    training, but leave their running statistics (and batch counter) untouched; eval mode is
+    unchanged. The gradient is the same either way (running statistics do not enter a training
+    step's output); this keeps a victim's step free of side effects and lets the attack vmap
+    over victims, where writing batched statistics into the shared buffers would fail."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
 
 
 def count_trainable(net: nn.Module) -> int:

@@ -9,21 +9,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from gileak.nets import aux_loss
+from gileak.nets import aux_loss, batch_statistics_only
 
 
-def client_loss(net: nn.Module, state: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor):
+def client_loss(net: nn.Module, state: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                *, update_running_stats: bool = True):
     """The loss a client trains on: cross-entropy plus the defense's terms (β·KL), with the
-    model's parameters and buffers taken from `state`."""
-    logits = functional_call(net, state, (images,))
+    model's parameters and buffers taken from `state`. Batch norms in training mode use the
+    batch's statistics either way; `update_running_stats=False` (a victim's step as the server
+    sees it, and every attack's dummy step) leaves their running statistics alone, while
+    federated training updates them."""
+    if update_running_stats:
+        logits = functional_call(net, state, (images,))
+    else:
+        with batch_statistics_only(net):
+            logits = functional_call(net, state, (images,))
     return F.cross_entropy(logits, labels) + aux_loss(net)
 
 
 def trainable_state(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(trainable parameters, everything else: frozen parameters and buffers), detached."""
+    """(trainable parameters, everything else: frozen parameters and buffers), detached. Buffers
+    are copies, so a forward that still updates batch-norm running statistics through this state
+    (an attack's own functional call in training mode) cannot change the model's."""
     params = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
-    frozen.update({n: b.detach() for n, b in net.named_buffers()})
+    frozen.update({n: b.detach().clone() for n, b in net.named_buffers()})
     return params, frozen
 
 
@@ -36,7 +46,8 @@ def client_gradient(net: nn.Module, defense, images: torch.Tensor, labels: torch
     if custom is not None:
         return custom(net, images, labels, generator)
     params, frozen = trainable_state(net)
-    gradient = torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, images, labels))(params)
+    gradient = torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, images, labels,
+                                                            update_running_stats=False))(params)
     return defense.transform_gradient(gradient, generator)
 
 
@@ -80,4 +91,4 @@ class Target:
         return next(iter(self.params.values())).device
 
     def loss(self, state: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor):
-        return client_loss(self.net, state, images, labels)
+        return client_loss(self.net, state, images, labels, update_running_stats=False)
