@@ -1,8 +1,8 @@
-"""Built-in models: the paper's CNN (Fig. 4)."""
+"""Built-in models: the paper's CNN (Fig. 4), ResNet-18 and ViT (Table V), and MLP (Supplementary)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -42,6 +42,180 @@ class CNN(Model):
             in_channels = out_channels
         layers += [nn.Flatten(), nn.Linear(in_channels * height * width, num_classes)]
         return nn.Sequential(*layers)
+
+
+def _halve(size: int) -> int:
+    """Spatial size after a 3x3 convolution with stride 2 and padding 1."""
+    return (size - 1) // 2 + 1
+
+
+def _norm2d(kind: str, channels: int):
+    from torch import nn
+
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(2, channels)
+
+
+def _basic_block(in_channels: int, out_channels: int, stride: int, norm: str):
+    """ResNet's BasicBlock: two 3x3 convolutions with a residual connection (projected by a
+    1x1 convolution when the shape changes)."""
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+            self.norm1 = _norm2d(norm, out_channels)
+            self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+            self.norm2 = _norm2d(norm, out_channels)
+            self.relu = nn.ReLU()
+            self.shortcut = nn.Sequential()
+            if stride != 1 or in_channels != out_channels:
+                self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                              _norm2d(norm, out_channels))
+
+        def forward(self, x):
+            out = self.relu(self.norm1(self.conv1(x)))
+            out = self.norm2(self.conv2(out))
+            return self.relu(out + self.shortcut(x))
+
+    return BasicBlock()
+
+
+class ResNet18(Model):
+    """CIFAR-style ResNet-18: 3x3 stem convolution (no max-pool), four stages of two BasicBlocks
+    (64, 128, 256, 512 channels; stages 2-4 halve the size), global average pool, linear
+    classifier. Position 1 is after the stem, positions 2-5 after each stage.
+
+    Batch norm in training mode normalises with the batch's statistics, which for one image are
+    taken over its H x W positions, so a victim's single-image step is well defined. The victim
+    step and the attack's dummy step (`gileak.threat.client_loss` with
+    `update_running_stats=False`) both use batch statistics and leave the running statistics
+    alone; federated training updates them as usual."""
+
+    name = "resnet18"
+    description = "ResNet-18, CIFAR-style (3x3 stem, no max-pool, 4 x 2 BasicBlocks), batch norm; positions 1-5."
+    input_size: ClassVar[tuple[int, int]] = (32, 32)
+
+    class Params(Model.Params):
+        width: int = Field(64, ge=2, description="channels of the stem and first stage (doubled per stage)")
+        norm: Literal["batch", "group"] = Field(
+            "batch", description="batch norm, or group norm of 2 groups (as the paper authors' code builds it)"
+        )
+
+    def build(self, input_shape, num_classes):
+        from torch import nn
+
+        from gileak.nets import Slot
+
+        in_channels, height, width = input_shape
+        channels, norm = self.params.width, self.params.norm
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), _norm2d(norm, channels), nn.ReLU(),
+            Slot(1, (channels, height, width)),
+        ]
+        stage_in = channels
+        for stage in range(4):
+            out_channels, stride = channels * 2**stage, 1 if stage == 0 else 2
+            if stride == 2:
+                height, width = _halve(height), _halve(width)
+            layers += [_basic_block(stage_in, out_channels, stride, norm),
+                       _basic_block(out_channels, out_channels, 1, norm),
+                       Slot(stage + 2, (out_channels, height, width))]
+            stage_in = out_channels
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(stage_in, num_classes)]
+        return nn.Sequential(*layers)
+
+
+def _vision_transformer(input_shape, num_classes, patch: int, dim: int, depth: int, heads: int, mlp_dim: int):
+    import torch
+    from torch import nn
+
+    from gileak.nets import Slot
+
+    channels, height, width = input_shape
+    tokens = (height // patch) * (width // patch) + 1
+
+    class PatchEmbedding(nn.Module):
+        """Non-overlapping patches projected to `dim`, a class token in front, learned positions."""
+
+        def __init__(self):
+            super().__init__()
+            self.projection = nn.Conv2d(channels, dim, patch, stride=patch)
+            self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+
+        def forward(self, images):
+            patches = self.projection(images).flatten(2).transpose(1, 2)
+            class_token = self.class_token.expand(patches.shape[0], -1, -1)
+            return torch.cat([class_token, patches], dim=1) + self.position
+
+    class SelfAttention(nn.Module):
+        """Multi-head self-attention written with matmuls, so that it runs under vmap and
+        twice-differentiated functional calls like any other layer."""
+
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.out = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            batch, count, _ = x.shape
+            q, k, v = self.qkv(x).reshape(batch, count, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            weights = (q @ k.transpose(-2, -1) * (dim // heads) ** -0.5).softmax(dim=-1)
+            return self.out((weights @ v).transpose(1, 2).reshape(batch, count, dim))
+
+    class Block(nn.Module):
+        """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+        def __init__(self):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(dim)
+            self.attention = SelfAttention()
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+        def forward(self, x):
+            x = x + self.attention(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class ClassToken(nn.Module):
+        def forward(self, x):
+            return x[:, 0]
+
+    layers: list[nn.Module] = [PatchEmbedding()]
+    for position in range(1, depth + 1):
+        layers += [Block(), Slot(position, (tokens, dim), kind="tokens")]
+    layers += [nn.LayerNorm(dim), ClassToken(), nn.Linear(dim, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class ViT(Model):
+    """The paper's small Vision Transformer (Sec. VI-C): 4x4 patches, 4 pre-norm blocks of
+    hidden size 256 with 16 heads and a GELU MLP, a class token and learned position embedding,
+    a linear head on the class token. Positions 1-4 are after each block, with tokens (P, 256),
+    P = patches + 1 (65 at 32x32); the CVB sees them as P channels of 16 x 16."""
+
+    name = "vit"
+    description = "The paper's small ViT: patch 4, 4 pre-norm blocks, hidden 256, 16 heads, GELU MLP; positions 1-4."
+    input_size: ClassVar[tuple[int, int]] = (32, 32)
+
+    class Params(Model.Params):
+        patch: int = Field(4, ge=1, description="patch side (input height and width must be multiples of it)")
+        dim: int = Field(256, ge=1, description="hidden size F (a square, 16 x 16, for the CVB's token path)")
+        depth: int = Field(4, ge=1, description="transformer blocks, one position after each")
+        heads: int = Field(16, ge=1, description="attention heads (must divide dim)")
+        mlp_dim: int = Field(1024, ge=1, description="hidden width of each block's MLP (4 x dim, as in ViT)")
+
+    def build(self, input_shape, num_classes):
+        from gileak.errors import ParamsError, UserInputError
+
+        p = self.params
+        if p.dim % p.heads:
+            raise ParamsError(f"vit: heads={p.heads} must divide dim={p.dim}.")
+        _, height, width = input_shape
+        if height % p.patch or width % p.patch:
+            raise UserInputError(f"vit: input {height}x{width} is not a multiple of the patch size {p.patch}.")
+        return _vision_transformer(input_shape, num_classes, p.patch, p.dim, p.depth, p.heads, p.mlp_dim)
 
 
 def _batchnorm1d(features: int):
@@ -91,5 +265,5 @@ class MLP(Model):
 
 @hookimpl
 def register_models(register):
-    register(CNN)
-    register(MLP)
+    for model in (CNN, ResNet18, ViT, MLP):
+        register(model)
