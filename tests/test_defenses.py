@@ -234,6 +234,19 @@ def test_dp_with_a_bottleneck_and_a_stale_aux_loss():
     assert all(p.grad is None for p in net.parameters())  # the client's own model is untouched
 
 
+def test_dp_refuses_batch_norm_and_accepts_group_norm():
+    from gileak.default_plugins.models import MLP, ResNet18
+    from gileak.errors import NotApplicableError
+
+    with pytest.raises(NotApplicableError, match="norm=group"):
+        DPSGD().apply(MLP(width=8).build((1, 8, 8), 10))
+    net = ResNet18(width=4, norm="group").build((3, 8, 8), 10)
+    DPSGD().apply(net)  # group norm is per sample: nothing to refuse
+    images, labels = torch.rand(2, 3, 8, 8), torch.randint(10, (2,))
+    got = DPSGD(clip=1.0, sigma=0).client_gradient(net.train(), images, labels, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(t).all() for t in got.values())
+
+
 def test_gc_zeroes_exactly_the_smallest_share():
     torch.manual_seed(0)
     gradient = {"w": torch.randn(40, 25), "b": torch.randn(10), "one": torch.randn(1)}

@@ -133,6 +133,16 @@ class DPSGD(Defense):
     def dp_sgd(self) -> tuple[float, float]:
         return self.params.clip, self.params.sigma
 
+    def apply(self, net) -> None:
+        import torch
+
+        norms = [name for name, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if norms:
+            raise NotApplicableError(
+                f"dp: Opacus cannot take per-sample gradients through batch norm (layer {norms[0]!r}), "
+                "which mixes the samples of a batch; use a model without it, e.g. resnet18(norm=group)."
+            )
+
     def client_gradient(self, net, images, labels, generator=None) -> dict[str, torch.Tensor]:
         """What one Opacus client step uploads: the gradient that `DPOptimizer.pre_step()`
         leaves in each trainable parameter's `.grad`, keyed by the net's parameter names. The

@@ -54,7 +54,8 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     notes = []
     lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     notes += [f"LPIPS —: {note}" for note in lpips_notes]
-    if not has_accuracy:
+    measured = [r for r in rows if r.get("status") not in ("failed", "not applicable")]
+    if not has_accuracy and measured:
         notes.append("acc —: no federated training in this run (--rounds 0); accuracy not measured")
     if any(r.get("epsilon") is not None for r in rows):
         notes.append("ε: DP-SGD privacy spent in training at δ = 1e-5 (Opacus RDP accountant; the client that spent most)")
