@@ -1,14 +1,36 @@
-"""Data plumbing shared by training and attacks: fitting images to a model's input,
-the federated partition, each client's train/validation split, and the victims."""
+"""Data plumbing shared by training and attacks: where downloadable datasets live on disk,
+fitting images to a model's input, the federated partition, each client's train/validation
+split, and the victims."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gileak.errors import UserInputError
+
+#: Environment variable naming the directory of downloadable datasets (MNIST, CIFAR-10, MedMNIST).
+DATA_ROOT_ENV = "GILEAK_DATA"
+
+
+def data_root(override: str | os.PathLike | None = None) -> Path:
+    """The directory datasets are read from and fetched into, first that applies: `override`
+    (a `--data-root` flag, a spec's `data_root`, a dataset's `root=` parameter), the environment
+    variable GILEAK_DATA, then the per-user cache `$XDG_CACHE_HOME/gileak` (`~/.cache/gileak`).
+    It is handed unchanged, as `root`, to torchvision's and medmnist's own dataset classes, so a
+    directory you already keep for them works as it is."""
+    if override is not None and str(override) != "":
+        return Path(override).expanduser()
+    from_env = os.environ.get(DATA_ROOT_ENV, "")
+    if from_env:
+        return Path(from_env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
+    return base / "gileak"
 
 
 def fit_images(images: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -59,14 +59,20 @@ class Plan:
         return sum(self.spec.rounds + len(c.attacks) * self.spec.iterations for c in self.cells)
 
 
-def resolve(kind: str, ref: ComponentRef) -> Resolved:
+def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -> Resolved:
+    """Instantiate a component. A dataset that takes a `root` parameter gets `data_root` (the
+    spec's or --data-root) unless its own parameters name one; the label stays as written."""
     cls = registry.get(kind, ref.name)
-    return Resolved(ref, cls(**ref.params))
+    params = dict(ref.params)
+    takes_root = kind == "dataset" and "root" in cls.Params.model_fields
+    if takes_root and data_root is not None and params.get("root") is None:
+        params["root"] = str(data_root)
+    return Resolved(ref, cls(**params))
 
 
 def plan(spec: BenchSpec) -> Plan:
     """Resolve every name and validate every component's parameters before anything runs."""
-    datasets = [resolve("dataset", r) for r in spec.datasets]
+    datasets = [resolve("dataset", r, data_root=spec.data_root) for r in spec.datasets]
     models = [resolve("model", r) for r in spec.models]
     defenses = [resolve("defense", r) for r in spec.defenses]
     attacks = [resolve("attack", r) for r in spec.attacks]

@@ -153,6 +153,8 @@ class BenchSpec(BaseModel):
     exports: list[Path] = Field(default_factory=list)
     attack_at: str = Field("final", description="model state attacked: init, final, or a round number")
     trace: bool = Field(False, description="record per-layer gradient cosine similarity per attack iteration")
+    data_root: Path | None = Field(None, description="directory of downloadable datasets (MNIST, CIFAR-10, "
+                                   "MedMNIST); default $GILEAK_DATA, else ~/.cache/gileak")
 
     @field_validator("attack_at", mode="before")
     @classmethod

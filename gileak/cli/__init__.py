@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
-from gileak.cli import bench, catalog, inspect_cmd, train_cmd
+from gileak.cli import bench, catalog, data_cmd, inspect_cmd, train_cmd
 from gileak.cli.state import state
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command("list")(catalog.list_components)
 app.command("plugins")(catalog.plugins)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("train")(train_cmd.train)
+app.add_typer(data_cmd.app, name="data")
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args
+    shown = warnings.showwarning
+    if not state.debug:
+        _plain_warnings()
     state.exit_code = 0
     err = Console(stderr=True)
     try:
@@ -65,9 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         code = _parser_exit_code(e)
         if code is None:
             raise
+    finally:
+        warnings.showwarning = shown
     if argv is None:
         sys.exit(code)
     return code
+
+
+def _plain_warnings() -> None:
+    """Our own warnings (a dataset that is not the official release, ...) as one line each,
+    without the source line Python shows by default; `--debug` keeps the default."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
 
 
 def _parser_exit_code(error: Exception) -> int | None:

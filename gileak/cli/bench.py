@@ -59,6 +59,10 @@ def bench(
     trace: Annotated[Optional[bool], typer.Option("--trace", help="Record, per attack iteration, the cosine "
                                                   "similarity of dummy and victim gradient for every layer; "
                                                   "writes a CSV and a PNG per cell under traces/.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Directory holding downloadable "
+                                                      "datasets (mnist, cifar10, MedMNIST), as torchvision and "
+                                                      "medmnist lay them out. [default: $GILEAK_DATA, else "
+                                                      "~/.cache/gileak]")] = None,
 ) -> None:
     """Train (optionally) and attack every cell of the matrix; print a leaderboard."""
     from gileak.report import export as export_rows
@@ -69,7 +73,7 @@ def bench(
     bench_spec = build_spec(
         spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, victims=victims,
         iterations=iterations, rounds=rounds, seeds=seeds, device=device, out=out, exports=export or None,
-        trace=trace, attack_at=attack_at,
+        trace=trace, attack_at=attack_at, data_root=data_root,
     )
     for path in bench_spec.exports:
         if path.suffix.lower() not in (".md", ".csv", ".json"):

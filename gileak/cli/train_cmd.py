@@ -21,7 +21,7 @@ from gileak.cli.state import state
 PROFILES = {"quick": {"rounds": 40, "seeds": 1}, "paper": {"rounds": 300, "seeds": 3}}
 
 
-def _one(text: str, kind: str):
+def _one(text: str, kind: str, data_root: Path | None = None):
     from gileak.errors import UserInputError
     from gileak.runner import resolve
     from gileak.spec import parse_component
@@ -29,7 +29,7 @@ def _one(text: str, kind: str):
     found = parse_component(text)
     if len(found) != 1:
         raise UserInputError(f"train takes one {kind}, not a grid: '{text}' expands to {len(found)}.")
-    return resolve(kind, found[0]).component
+    return resolve(kind, found[0], data_root=data_root).component
 
 
 def train(
@@ -52,6 +52,9 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output directory. [default: gileak-runs/train-<time>]")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Directory holding downloadable "
+                                                      "datasets (mnist, cifar10, MedMNIST). [default: "
+                                                      "$GILEAK_DATA, else ~/.cache/gileak]")] = None,
 ) -> None:
     """Train a (defended) model with federated averaging and report its test accuracy."""
     import time
@@ -68,7 +71,8 @@ def train(
         raise UserInputError(f"Unknown profile '{profile}'. Use one of: {', '.join(PROFILES)}.")
     rounds = rounds or PROFILES[profile]["rounds"]
     seeds = seeds or PROFILES[profile]["seeds"]
-    model_c, dataset_c, defense_c = _one(model, "model"), _one(dataset, "dataset"), _one(defense, "defense")
+    model_c, defense_c = _one(model, "model"), _one(defense, "defense")
+    dataset_c = _one(dataset, "dataset", data_root=data_root)
     dataset_c.info()
     run_device = pick_device(device)
     out = out or Path("gileak-runs") / time.strftime("train-%Y%m%d-%H%M%S")

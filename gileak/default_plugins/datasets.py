@@ -1,10 +1,14 @@
-"""Built-in datasets that work offline: they ship inside scikit-learn and scikit-image, or are
-the user's own images. `info()` declares shape and classes without touching any pixel."""
+"""Built-in datasets. Offline ones ship inside scikit-learn and scikit-image, or are the user's own
+images; the paper's datasets (MNIST, CIFAR-10, four MedMNIST sets) are read from a data root by
+torchvision's and medmnist's own dataset classes and fetched by their own download code
+(`gileak data fetch NAME`). `info()` declares shape and classes without touching any pixel."""
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -201,7 +205,285 @@ class Folder(Dataset):
         return Splits(train_x, train_y, test_x, test_y, info.class_names)
 
 
+# --- downloadable datasets, read from a data root ---------------------------------------------
+
+
+class DownloadableDataset(Dataset):
+    """A dataset whose files live under a data root (see `gileak.data.data_root`) and are read by
+    its library's own class. `files()` lists what must exist, `fetch()` downloads with the
+    library's own code; `info()` checks that the files exist (no pixel is read) so that a missing
+    dataset stops a benchmark before any work."""
+
+    #: Where the files come from, for `gileak data list` and error messages.
+    source: ClassVar[str] = ""
+    shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
+    class_names: ClassVar[tuple[str, ...]] = ()
+
+    class Params(Dataset.Params):
+        root: str | None = Field(
+            None, description="data directory for this dataset alone; default: --data-root, else $GILEAK_DATA, "
+                              "else ~/.cache/gileak")
+
+    def root(self) -> Path:
+        from gileak.data import data_root
+
+        return data_root(self.params.root)
+
+    def files(self) -> list[Path]:
+        """The files the library's class reads, under `root()`."""
+        raise NotImplementedError
+
+    def missing(self) -> list[Path]:
+        return [path for path in self.files() if not path.is_file()]
+
+    def present(self) -> bool:
+        return not self.missing()
+
+    def check(self) -> None:
+        """Raise DataUnavailableError, saying where gileak looked and how to get the files."""
+        missing = self.missing()
+        if not missing:
+            return
+        root = self.root()
+        shown = ", ".join(str(path.relative_to(root)) for path in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        where = "" if root.is_dir() else " (the directory does not exist)"
+        raise DataUnavailableError(
+            f"{self.name}: its files are not in the data directory {root}{where}: missing {shown}{more}. "
+            f"Get them with `gileak data fetch {self.name} --data-root {root}` (downloads from {self.source}), "
+            f"or copy the files you already have there, or point --data-root (or the GILEAK_DATA environment "
+            f"variable) at the directory that holds them."
+        )
+
+    def info(self) -> DatasetInfo:
+        self.check()
+        return DatasetInfo(self.shape, len(self.class_names), self.class_names)
+
+    def fetch(self) -> None:
+        """Download into `root()` with the library's own download code."""
+        raise NotImplementedError
+
+    def _open(self, factory, what: str):
+        """Run the library's loader; its own 'not found' or 'corrupted' errors become ours."""
+        import pickle
+        import zipfile
+
+        self.check()
+        try:
+            return factory()
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as e:
+            raise DataUnavailableError(
+                f"{self.name}: {what} in {self.root()} could not be read: {str(e).strip()} "
+                f"Fetch a fresh copy with `gileak data fetch {self.name} --data-root {self.root()}`."
+            ) from e
+
+
+def _uint8_to_float(images):
+    import torch
+
+    images = torch.as_tensor(images)
+    return images.to(torch.float32).div_(255.0)
+
+
+class MNIST(DownloadableDataset):
+    """MNIST through torchvision.datasets.MNIST: root/MNIST/raw/ holding the four idx files."""
+
+    name = "mnist"
+    description = ("MNIST handwritten digits, 28x28 grey, 10 classes, official 60,000/10,000 split; read by "
+                   "torchvision from <data root>/MNIST/raw (`gileak data fetch mnist`).")
+    source = "torchvision's MNIST mirrors, with its download code"
+    shape = (1, 28, 28)
+    class_names = tuple(str(i) for i in range(10))
+    RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+    def files(self) -> list[Path]:
+        return [self.root() / "MNIST" / "raw" / name for name in self.RAW_FILES]
+
+    def missing(self) -> list[Path]:
+        processed = self.root() / "MNIST" / "processed"  # torchvision still reads its old cache format
+        if (processed / "training.pt").is_file() and (processed / "test.pt").is_file():
+            return []
+        return super().missing()
+
+    def load(self, seed: int = 0) -> Splits:
+        import torch
+        from torchvision.datasets import MNIST as TorchMNIST
+
+        root = str(self.root())
+        train = self._open(lambda: TorchMNIST(root, train=True, download=False), "the training files")
+        test = self._open(lambda: TorchMNIST(root, train=False, download=False), "the test files")
+        return Splits(_uint8_to_float(train.data).unsqueeze(1), torch.as_tensor(train.targets, dtype=torch.long),
+                      _uint8_to_float(test.data).unsqueeze(1), torch.as_tensor(test.targets, dtype=torch.long),
+                      self.class_names)
+
+    def fetch(self) -> None:
+        from torchvision.datasets import MNIST as TorchMNIST
+
+        self.root().mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            TorchMNIST(str(self.root()), train=train, download=True)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _unchecked_cifar10():
+    """torchvision's CIFAR10 with the md5 of each file left unchecked (the file names and the
+    reading code are torchvision's own): for files in the official format that are not the
+    official release byte for byte, such as re-pickled or cut-down copies."""
+    from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+    class UncheckedCIFAR10(TorchCIFAR10):
+        train_list = [[name, None] for name, _ in TorchCIFAR10.train_list]
+        test_list = [[name, None] for name, _ in TorchCIFAR10.test_list]
+        meta = {**TorchCIFAR10.meta, "md5": None}
+
+    return UncheckedCIFAR10
+
+
+class CIFAR10(DownloadableDataset):
+    """CIFAR-10 through torchvision.datasets.CIFAR10: root/cifar-10-batches-py/ (python pickles)."""
+
+    name = "cifar10"
+    description = ("CIFAR-10, 32x32 RGB, 10 classes, official 50,000/10,000 split; read by torchvision from "
+                   "<data root>/cifar-10-batches-py (`gileak data fetch cifar10`).")
+    source = "www.cs.toronto.edu, with torchvision's download code"
+    shape = (3, 32, 32)
+    class_names = CIFAR10_CLASSES
+    FOLDER = "cifar-10-batches-py"
+    FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+             "batches.meta")
+
+    def files(self) -> list[Path]:
+        return [self.root() / self.FOLDER / name for name in self.FILES]
+
+    def load(self, seed: int = 0) -> Splits:
+        import torch
+        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+        root = str(self.root())
+        self.check()
+        try:
+            train = TorchCIFAR10(root, train=True, download=False)
+            test = TorchCIFAR10(root, train=False, download=False)
+        except RuntimeError:  # every file is there (checked above) but not the official bytes
+            warnings.warn(
+                f"cifar10: the files in {self.root() / self.FOLDER} are not the official CIFAR-10 release "
+                f"(their md5 differs); reading them anyway with torchvision's CIFAR10 reader.", stacklevel=2)
+            unchecked = _unchecked_cifar10()
+            train = self._open(lambda: unchecked(root, train=True, download=False), "the training batches")
+            test = self._open(lambda: unchecked(root, train=False, download=False), "the test batch")
+
+        def images(split):
+            return _uint8_to_float(split.data).permute(0, 3, 1, 2).contiguous()
+
+        return Splits(images(train), torch.as_tensor(train.targets, dtype=torch.long),
+                      images(test), torch.as_tensor(test.targets, dtype=torch.long), self.class_names)
+
+    def fetch(self) -> None:
+        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+        self.root().mkdir(parents=True, exist_ok=True)
+        TorchCIFAR10(str(self.root()), train=True, download=True)
+
+
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+class _MedMNIST(DownloadableDataset):
+    """A 2D MedMNIST set through the medmnist package's own class: root/<flag>.npz (28x28) or
+    root/<flag>_<size>.npz; official train and test splits (val is not used)."""
+
+    flag: ClassVar[str] = ""
+    python_class: ClassVar[str] = ""
+    source = "Zenodo, with medmnist's download code"
+
+    class Params(DownloadableDataset.Params):
+        size: int = Field(28, description="image side: 28, 64, 128 or 224 (one .npz file each)")
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        if self.params.size not in MEDMNIST_SIZES:
+            from gileak.errors import ParamsError
+
+            raise ParamsError(f"{self.name}: size must be one of {', '.join(map(str, MEDMNIST_SIZES))}, "
+                              f"got {self.params.size}.")
+
+    def _file_name(self) -> str:
+        suffix = "" if self.params.size == 28 else f"_{self.params.size}"
+        return f"{self.flag}{suffix}.npz"
+
+    def files(self) -> list[Path]:
+        return [self.root() / self._file_name()]
+
+    def info(self) -> DatasetInfo:
+        self.check()
+        channels, size = self.shape[0], self.params.size
+        return DatasetInfo((channels, size, size), len(self.class_names), self.class_names)
+
+    def _medmnist_class(self):
+        import medmnist
+
+        return getattr(medmnist, self.python_class)
+
+    def load(self, seed: int = 0) -> Splits:
+        import torch
+
+        cls = self._medmnist_class()
+        root = str(self.root())
+        splits = []
+        for split in ("train", "test"):
+            dataset = self._open(lambda s=split: cls(split=s, download=False, root=root, size=self.params.size),
+                                 f"the {split} split of {self._file_name()}")
+            images = _uint8_to_float(dataset.imgs)
+            images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2).contiguous()
+            labels = torch.as_tensor(dataset.labels.reshape(len(dataset.labels), -1)[:, 0], dtype=torch.long)
+            splits += [images, labels]
+        return Splits(*splits, self.class_names)
+
+    def fetch(self) -> None:
+        cls = self._medmnist_class()
+        self.root().mkdir(parents=True, exist_ok=True)  # medmnist wants an existing root
+        cls(split="train", download=True, root=str(self.root()), size=self.params.size)
+
+
+def _medmnist(cls_name: str, flag: str, channels: int, classes: tuple[str, ...], what: str,
+              counts: str) -> type[_MedMNIST]:
+    grey = "grey" if channels == 1 else "RGB"
+    return type(cls_name, (_MedMNIST,), {
+        "__doc__": f"{cls_name} through medmnist.{cls_name}: {what}.",
+        "__module__": __name__,
+        "name": flag,
+        "flag": flag,
+        "python_class": cls_name,
+        "description": (f"{cls_name} (MedMNIST v2): {what}, {grey}, {len(classes)} classes, official "
+                        f"{counts} train/test split; read by medmnist from <data root>/{flag}.npz "
+                        f"(`gileak data fetch {flag}`)."),
+        "shape": (channels, 28, 28),
+        "class_names": classes,
+    })
+
+
+#: Shape and classes as medmnist.INFO gives them (tests/test_real_datasets.py checks this).
+PneumoniaMNIST = _medmnist("PneumoniaMNIST", "pneumoniamnist", 1, ("normal", "pneumonia"),
+                           "paediatric chest X-rays", "4,708/624")
+DermaMNIST = _medmnist("DermaMNIST", "dermamnist", 3, (
+    "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
+    "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"),
+    "dermatoscopic images of pigmented skin lesions", "7,007/2,005")
+RetinaMNIST = _medmnist("RetinaMNIST", "retinamnist", 3, ("0", "1", "2", "3", "4"),
+                        "retinal fundus images graded for diabetic retinopathy (ordinal grades 0-4)", "1,080/400")
+BloodMNIST = _medmnist("BloodMNIST", "bloodmnist", 3, (
+    "basophil", "eosinophil", "erythroblast",
+    "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "lymphocyte", "monocyte",
+    "neutrophil", "platelet"), "blood cell microscopy", "11,959/3,421")
+
+DOWNLOADABLE = (MNIST, CIFAR10, PneumoniaMNIST, DermaMNIST, RetinaMNIST, BloodMNIST)
+
+
 @hookimpl
 def register_datasets(register):
-    for dataset in (Photos, Digits, LFW, Folder):
+    for dataset in (Photos, Digits, LFW, Folder, *DOWNLOADABLE):
         register(dataset)
