@@ -46,8 +46,14 @@ def bench(
     spec: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec file; flags override its values.")] = None,
     victims: Annotated[Optional[int], typer.Option(help="Images attacked per cell. [default: 8]")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Attack iteration cap per victim. [default: 5000]")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Budget preset: quick (a laptop CPU: 8 victims x 5000 "
+                                                       "iterations, no training) or paper (128 victims x 20000, "
+                                                       "300 rounds, patience 40, 3 seeds). Explicit flags "
+                                                       "override it. [default: quick]")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated training rounds before the attack; "
                                                        "0 attacks the freshly initialised model. [default: 0]")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop training after this many rounds without a "
+                                                         "better validation loss. [default: 40]")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Repetitions with different seeds. [default: 1]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [default: gileak-runs/<time>]")] = None,
@@ -63,62 +69,127 @@ def bench(
                                                       "datasets (mnist, cifar10, MedMNIST), as torchvision and "
                                                       "medmnist lay them out. [default: $GILEAK_DATA, else "
                                                       "~/.cache/gileak]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (cells, budgets, cost estimated by "
+                                          "short probes on this device) and run nothing.")] = False,
+    executor: Annotated[str, typer.Option(help="local (this machine; every local GPU) or ray.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join "
+                                                       "(e.g. ray://head:10001 or auto). [default: a local "
+                                                       "Ray instance]")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Local executor: cells run in this many worker "
+                                                   "processes. [default: one per GPU when there are several, "
+                                                   "else 1]")] = None,
 ) -> None:
     """Train (optionally) and attack every cell of the matrix; print a leaderboard."""
-    from gileak.report import export as export_rows
-    from gileak.report import render_leaderboard
+    from gileak.errors import UserInputError
     from gileak.runner import Runner, plan
     from gileak.spec import build_spec
 
     bench_spec = build_spec(
         spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, victims=victims,
         iterations=iterations, rounds=rounds, seeds=seeds, device=device, out=out, exports=export or None,
-        trace=trace, attack_at=attack_at, data_root=data_root,
+        trace=trace, attack_at=attack_at, data_root=data_root, profile=profile, patience=patience,
     )
+    if executor not in ("local", "ray"):
+        raise UserInputError(f"Unknown executor '{executor}'. Use local or ray.")
     for path in bench_spec.exports:
         if path.suffix.lower() not in (".md", ".csv", ".json"):
-            from gileak.errors import UserInputError
-
             raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
+    console = _console()
+    if dry_run:
+        _dry_run(bench_spec, console)
+        return
     the_plan = plan(bench_spec)
     run_dir = bench_spec.out or _default_out()
-    console = _console()
+    runner = Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
+                    ray_address=ray_address)
     console.print(
         f"[bold]gileak bench[/]: {len(the_plan.cells)} training cell(s) -> {the_plan.rows_expected} row(s); "
         f"{bench_spec.victims} victims x {bench_spec.iterations} iterations per attack, "
         f"{bench_spec.rounds} training round(s); run directory {run_dir}"
     )
+    resume = runner.resume
+    if resume.reused or resume.retried or resume.interrupted:
+        parts = [f"{resume.reused} finished result(s) reused"]
+        if resume.interrupted:
+            parts.append(f"{resume.interrupted} interrupted cell(s) redone")
+        if resume.retried:
+            parts.append(f"{resume.retried} failed result(s) tried again")
+        parts.append(f"{resume.todo} to compute")
+        console.print(f"Resuming {run_dir}: " + ", ".join(parts))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
     ) as progress:
-        task = progress.add_task("starting", total=the_plan.work_units())
-        runner = Runner(
-            the_plan, run_dir,
-            advance=lambda n: progress.advance(task, n),
-            describe=lambda text: progress.update(task, description=text),
-            debug=state.debug,
-        )
+        task = progress.add_task("starting", total=runner.work_units())
+        runner.advance = lambda n: progress.advance(task, n)
+        runner.describe = lambda text: progress.update(task, description=text)
         result = runner.run()
-    render_leaderboard(result.rows, console=console, title="gileak leaderboard")
-    for path in bench_spec.exports:
+    show_result(result, run_dir, console, bench_spec.exports)
+    if result.traces:
+        console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
+    if result.failures:
+        state.exit_code = 1
+
+
+def show_result(result, run_dir: Path, console: Console, exports=(), title: str = "gileak leaderboard") -> None:
+    """The leaderboard, its exports and figures, notes and failures of a run directory."""
+    from gileak.report import export as export_rows
+    from gileak.report import render_leaderboard
+    from gileak.report.figures import save_privacy_utility
+
+    render_leaderboard(result.rows, console=console, title=title)
+    for path in exports:
         export_rows(result.rows, path)
         console.print(f"Exported {path}")
     export_rows(result.rows, run_dir / "leaderboard.json")
     console.print(f"Reconstructions (originals above, reconstructions below): {run_dir / 'reconstructions'}")
-    from gileak.report.figures import save_privacy_utility
-
     figure = save_privacy_utility(result.rows, run_dir / "privacy_utility.png")
     if figure is not None:
         console.print(f"Privacy-utility figure: {figure}")
-    if result.traces:
-        console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
     for where, note in result.notes:
         console.print(f"  [yellow]note[/] {escape(where)}: {escape(note)}", highlight=False)
     if result.failures:
         console.print(f"[bold red]{len(result.failures)} failure(s):[/]")
         for where, reason in result.failures:
             console.print(f"  [red]{escape(where)}[/]: {escape(reason)}", highlight=False)
-        state.exit_code = 1
+
+
+def _dry_run(bench_spec, console: Console) -> None:
+    """Print the plan and its estimated cost; run nothing, write nothing."""
+    from rich.table import Table
+
+    from gileak.estimate import estimate, human
+    from gileak.runner import pick_device, plan
+
+    the_plan = plan(bench_spec, check_data=False)
+    s = bench_spec
+    device = pick_device(s.device)
+    console.print(f"[bold]gileak bench --dry-run[/] (profile {s.profile}): {len(the_plan.cells)} training cell(s) "
+                  f"-> {the_plan.rows_expected} row(s); nothing is run")
+    console.print(f"  datasets {', '.join(r.label for r in s.datasets)}; models {', '.join(r.label for r in s.models)}; "
+                  f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}")
+    console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each "
+                  f"(ig/ignore: lr x0.1 after {max(1, round(0.02 * s.iterations)):,} iterations without a better "
+                  f"loss, stop after {max(1, round(0.2 * s.iterations)):,})")
+    training = (f"{s.rounds} FedAvg round(s), 10 clients, 1 local epoch, batch 64, early stopping after "
+                f"{s.patience} round(s) without a better validation loss" if s.rounds else "none (the "
+                "freshly initialised model is attacked)")
+    console.print(f"  training: {training}; attacked model: {s.attack_at}; seeds: {s.seeds}; device: {device}")
+    with console.status("probing the cost on this device"):
+        estimates = estimate(the_plan, device)
+    table = Table(title=f"Estimated cost on this device ({device})", title_justify="left")
+    for column in ("dataset", "model", "defense", "training", *[a.label for a in s.attacks], "total"):
+        table.add_column(column, justify="right" if column not in ("dataset", "model", "defense") else "left")
+    for e in estimates:
+        table.add_row(e.dataset, e.model, e.defense, human(e.train_seconds) if s.rounds else "—",
+                      *[human(e.attack_seconds.get(a.label)) for a in s.attacks], human(e.total))
+    console.print(table)
+    console.print(f"Total: about {human(sum(e.total or 0.0 for e in estimates))} on {device}, at most: attacks stop on "
+                  "a plateau and training on patience before their caps; batched attacks get cheaper per victim "
+                  "as victims grow (probed with 4).")
+    for e in estimates:
+        for note in dict.fromkeys(e.notes):
+            console.print(f"  [yellow]note[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)}: "
+                          f"{escape(note)}", highlight=False)

@@ -49,6 +49,24 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return head + body + "".join(f"\n{note}\n" for note in notes)
 
 
+def to_text(rows: list[dict[str, Any]], fmt: str) -> str:
+    """`rows` as md, csv or json text."""
+    clean = _rows(rows)
+    if fmt == "json":
+        return json.dumps(clean, indent=2) + "\n"
+    if fmt == "csv":
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(clean[0]) if clean else list(COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(clean)
+        return buffer.getvalue()
+    if fmt == "md":
+        return to_markdown(rows)
+    raise UserInputError(f"Unknown format '{fmt}': use md, csv or json.")
+
+
 def export(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write `rows` to `path`: .md (a Markdown table), .csv, or .json (a list of row objects)."""
     path = Path(path)
@@ -56,14 +74,5 @@ def export(rows: list[dict[str, Any]], path: str | Path) -> Path:
     if suffix not in (".md", ".csv", ".json"):
         raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = _rows(rows)
-    if suffix == ".json":
-        path.write_text(json.dumps(clean, indent=2) + "\n")
-    elif suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(clean[0]) if clean else list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(clean)
-    else:
-        path.write_text(to_markdown(rows))
+    path.write_text(to_text(rows, suffix[1:]), newline="" if suffix == ".csv" else None)
     return path

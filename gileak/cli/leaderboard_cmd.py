@@ -1,0 +1,53 @@
+"""`gileak leaderboard DIR`: render a run directory's stored results again, computing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gileak.cli.state import console
+
+
+def leaderboard(
+    run_dir: Annotated[Path, typer.Argument(help="A `gileak bench --out` directory.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to FILE instead of the "
+                                                   "terminal (md, csv or json).")] = None,
+) -> None:
+    """Print the leaderboard of every result stored in a run directory (all its runs, merged)."""
+    from gileak.errors import UserInputError
+    from gileak.report import render_leaderboard
+    from gileak.report.exporters import to_text
+    from gileak.runner import build_result
+    from gileak.store import ResultStore
+
+    if fmt not in ("table", "md", "csv", "json"):
+        raise UserInputError(f"Unknown format '{fmt}': use table, md, csv or json.")
+    if output is not None and fmt == "table":
+        suffix = output.suffix.lower().lstrip(".")
+        if suffix not in ("md", "csv", "json"):
+            raise UserInputError(f"Cannot write a table to '{output}': give --format md, csv or json, or a file "
+                                 "ending in .md, .csv or .json.")
+        fmt = suffix
+    store = ResultStore.open_existing(run_dir)
+    try:
+        result = build_result(store, None, run_dir)
+    finally:
+        store.close()
+    if fmt == "table":
+        out = console()
+        render_leaderboard(result.rows, console=out, title=f"gileak leaderboard: {run_dir}")
+        for where, note in result.notes:
+            out.print(f"  note {where}: {note}", highlight=False, markup=False)
+        for where, reason in result.failures:
+            out.print(f"  failed {where}: {reason}", highlight=False, markup=False)
+        return
+    text = to_text(result.rows, fmt)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        typer.echo(f"Wrote {output}")
