@@ -1,0 +1,150 @@
+"""What a bench will cost, measured by short probes on this device (`gileak bench --dry-run`).
+
+For every (dataset, model, defense) the probe builds the defended model on the dataset's shape
+and times, on random inputs: two training steps of a small client batch (seconds per training
+sample, times the training images every round touches) and two batched gradient-matching steps
+on four victims (seconds per victim-iteration; every iterative attack takes one such step per
+iteration, so the analytic attack's cost is overstated). The figures scale to the plan's
+budget and are upper bounds in one sense — attacks stop on a plateau and training on patience
+before their caps — and rough in others: a batched attack gets cheaper per victim as victims
+grow, and DP-SGD training (per-sample gradients) costs more than the plain step probed here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gileak.errors import GileakError
+
+
+@dataclass
+class GroupEstimate:
+    dataset: str
+    model: str
+    defense: str
+    train_seconds: float | None = None
+    attack_seconds: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float | None:
+        parts = [self.train_seconds, *self.attack_seconds.values()]
+        if all(v is None for v in parts):
+            return None
+        return sum(v for v in parts if v)
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def estimate(plan, device: str, probe_victims: int = 4, probe_iterations: int = 2,
+             describe=None) -> list[GroupEstimate]:
+    import torch
+    import torch.nn.functional as F
+
+    from gileak.runner import build_net
+    from gileak.threat import Target, shared_gradients
+
+    spec = plan.spec
+    describe = describe or (lambda s: None)
+    estimates = []
+    train_sizes: dict[str, Any] = {}
+    groups = list(dict.fromkeys((c.dataset.label, c.model.label, c.defense.label) for c in plan.cells))
+    by_label = {(c.dataset.label, c.model.label, c.defense.label): c for c in plan.cells}
+    for key in groups:
+        cell = by_label[key]
+        found = GroupEstimate(*key)
+        estimates.append(found)
+        describe(f"probing {' | '.join(key)}")
+        try:
+            info = cell.dataset.component.info()
+            input_shape = cell.model.component.input_shape(info.shape)
+            net = build_net(cell.model.component, cell.defense.component, input_shape, info.num_classes, 0, device)
+        except GileakError as e:
+            found.notes.append(str(e))
+            continue
+        if spec.rounds > 0:
+            if cell.dataset.label not in train_sizes:
+                try:
+                    train_sizes[cell.dataset.label] = len(cell.dataset.component.load(seed=0).train_images)
+                except GileakError as e:
+                    train_sizes[cell.dataset.label] = None
+                    found.notes.append(str(e))
+            size = train_sizes[cell.dataset.label]
+            if size:
+                batch = 16
+                images = torch.rand(batch, *input_shape, device=device)
+                labels = torch.randint(info.num_classes, (batch,), device=device)
+                optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+                net.train()
+
+                def step():
+                    optimizer.zero_grad()
+                    F.cross_entropy(net(images), labels).backward()
+                    optimizer.step()
+
+                step()
+                seconds = _timed(lambda: [step() for _ in range(2)]) / (2 * batch)
+                # Every round each client trains one epoch on its 90% training split; the
+                # evaluation passes cost about a third of a training step per image.
+                per_round = seconds * size * (0.9 + 0.1 / 3) + seconds / 3 * len_test_guess(size)
+                found.train_seconds = per_round * spec.rounds * spec.seeds
+                if cell.defense.component.dp_sgd() is not None:
+                    found.notes.append("DP-SGD training takes per-sample gradients and costs more than estimated")
+        victims = torch.rand(probe_victims, *input_shape, device=device)
+        labels = torch.randint(info.num_classes, (probe_victims,), device=device)
+        net.train()
+        try:
+            per_iteration = _matching_step_seconds(net, cell.defense.component, victims, labels, input_shape,
+                                                   info.num_classes, probe_iterations)
+        except Exception as e:  # a model or defense the probe cannot step: say so, estimate the rest
+            found.notes.append(f"attack cost not probed: {type(e).__name__}: {e}")
+            per_iteration = None
+        for attack in cell.attacks:
+            found.attack_seconds[attack.label] = (None if per_iteration is None else
+                                                  per_iteration * spec.victims * spec.iterations * spec.seeds)
+    return estimates
+
+
+def _matching_step_seconds(net, defense, victims, labels, input_shape, num_classes, steps: int) -> float:
+    """Seconds per victim-iteration of the batched gradient-matching step every iterative
+    attack (dlg, idlg, cpl, ig, ignore) takes: the dummy gradient of each victim and its
+    gradient with respect to the image."""
+    import torch
+    from torch.func import grad_and_value, vmap
+
+    from gileak.engine.matching import MatchingConfig, make_victim_loss
+    from gileak.threat import Target, shared_gradients
+
+    gradients = shared_gradients(net, defense, victims, labels, seed=0)
+    target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
+                    labels=labels)
+    victim_loss = make_victim_loss(target, MatchingConfig())
+    shared = tuple(target.shared_gradient[n] for n in victim_loss.names)
+    step = vmap(grad_and_value(victim_loss, has_aux=True), randomness="different")
+    images = torch.randn_like(victims)
+    step(images, labels, shared)  # warm-up
+    seconds = _timed(lambda: [step(images, labels, shared) for _ in range(steps)])
+    return seconds / (steps * len(victims))
+
+
+def len_test_guess(train_size: int) -> int:
+    """Test images evaluated each round, taken as a sixth of the training set (CIFAR-10's ratio)."""
+    return train_size // 5
+
+
+def human(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
