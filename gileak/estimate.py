@@ -61,8 +61,18 @@ def estimate(plan, device: str, probe_victims: int = 4, probe_iterations: int = 
         found = GroupEstimate(*key)
         estimates.append(found)
         describe(f"probing {' | '.join(key)}")
+        dataset = cell.dataset.component
         try:
-            info = cell.dataset.component.info()
+            try:
+                info = dataset.info()
+            except GileakError as e:
+                if not hasattr(dataset, "declared_info"):
+                    raise
+                info = dataset.declared_info()  # estimate without the files; the run itself needs them
+                found.notes.append(f"{dataset.name}: files not found under {dataset.root()}, estimated from its "
+                                   "declared shape and official size; the run itself needs them "
+                                   f"(gileak data fetch {dataset.name})")
+                train_sizes.setdefault(cell.dataset.label, dataset.train_size or None)
             input_shape = cell.model.component.input_shape(info.shape)
             net = build_net(cell.model.component, cell.defense.component, input_shape, info.num_classes, 0, device)
         except GileakError as e:

@@ -268,3 +268,42 @@ def test_every_builtin_component_and_parameter_is_in_components_md():
         section = text.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
         for parameter, *_ in reg.components[kind][name].parameter_table():
             assert f"`{parameter}`" in section, f"{kind} {name}: parameter {parameter} undocumented"
+
+
+# --- reproducing.md ---------------------------------------------------------------------------
+
+
+def _reproduction_commands() -> list[list[str]]:
+    import shlex
+
+    text = _read("reproducing.md")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("gileak ")]
+
+
+def test_every_reproduction_command_parses_and_plans_without_data():
+    """Each `gileak bench` line of docs/reproducing.md is a valid command whose matrix plans
+    (names, parameters, grids, budgets) — without running it or needing the datasets."""
+    import typer.main
+
+    from gileak.cli import app
+    from gileak.runner import plan
+    from gileak.spec import build_spec
+
+    group = typer.main.get_command(app)
+    commands = _reproduction_commands()
+    benches = [c for c in commands if c[1] == "bench"]
+    assert len(benches) >= 9
+    not_spec = {"dry_run", "executor", "ray_address", "workers"}
+    for argv in benches:
+        context = group.commands["bench"].make_context("bench", argv[2:])
+        params = {k: v for k, v in context.params.items() if k not in not_spec}
+        params["exports"] = params.pop("export") or None
+        spec = build_spec(params.pop("spec"), **params)
+        assert spec.profile == "paper", argv
+        assert plan(spec, check_data=False).cells, argv
+    for argv in commands:
+        assert argv[1] in {"bench", "leaderboard", "inspect", "data"}, argv
+        context = group.commands[argv[1]]
+        if argv[1] != "data":
+            context.make_context(argv[1], argv[2:])  # parses

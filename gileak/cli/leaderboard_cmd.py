@@ -15,6 +15,9 @@ def leaderboard(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to FILE instead of the "
                                                    "terminal (md, csv or json).")] = None,
+    figure: Annotated[Optional[Path], typer.Option("--figure", help="Also draw the privacy-utility figure "
+                                                   "(accuracy against 1 - SSIM, the paper's Fig. 11) of "
+                                                   "every stored row to this PNG.")] = None,
 ) -> None:
     """Print the leaderboard of every result stored in a run directory (all its runs, merged)."""
     from gileak.errors import UserInputError
@@ -36,6 +39,13 @@ def leaderboard(
         result = build_result(store, None, run_dir)
     finally:
         store.close()
+    if figure is not None:
+        from gileak.report.figures import save_privacy_utility
+
+        drawn = save_privacy_utility(result.rows, figure)
+        message = f"Privacy-utility figure: {drawn}" if drawn else ("No privacy-utility figure: no stored row "
+                                                                     "has an accuracy (those runs had --rounds 0).")
+        typer.echo(message, err=fmt != "table" and output is None)
     if fmt == "table":
         out = console()
         render_leaderboard(result.rows, console=out, title=f"gileak leaderboard: {run_dir}")

@@ -218,6 +218,8 @@ class DownloadableDataset(Dataset):
     source: ClassVar[str] = ""
     shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     class_names: ClassVar[tuple[str, ...]] = ()
+    #: Training images of the official split (for cost estimates without the files).
+    train_size: ClassVar[int] = 0
 
     class Params(Dataset.Params):
         root: str | None = Field(
@@ -257,6 +259,10 @@ class DownloadableDataset(Dataset):
 
     def info(self) -> DatasetInfo:
         self.check()
+        return self.declared_info()
+
+    def declared_info(self) -> DatasetInfo:
+        """Shape and classes as declared, whether or not the files are there."""
         return DatasetInfo(self.shape, len(self.class_names), self.class_names)
 
     def fetch(self) -> None:
@@ -295,6 +301,7 @@ class MNIST(DownloadableDataset):
     source = "torchvision's MNIST mirrors, with its download code"
     shape = (1, 28, 28)
     class_names = tuple(str(i) for i in range(10))
+    train_size = 60_000
     RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -352,6 +359,7 @@ class CIFAR10(DownloadableDataset):
     source = "www.cs.toronto.edu, with torchvision's download code"
     shape = (3, 32, 32)
     class_names = CIFAR10_CLASSES
+    train_size = 50_000
     FOLDER = "cifar-10-batches-py"
     FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
              "batches.meta")
@@ -420,6 +428,9 @@ class _MedMNIST(DownloadableDataset):
 
     def info(self) -> DatasetInfo:
         self.check()
+        return self.declared_info()
+
+    def declared_info(self) -> DatasetInfo:
         channels, size = self.shape[0], self.params.size
         return DatasetInfo((channels, size, size), len(self.class_names), self.class_names)
 
@@ -463,6 +474,7 @@ def _medmnist(cls_name: str, flag: str, channels: int, classes: tuple[str, ...],
                         f"(`gileak data fetch {flag}`)."),
         "shape": (channels, 28, 28),
         "class_names": classes,
+        "train_size": int(counts.split("/")[0].replace(",", "")),
     })
 
 
