@@ -16,6 +16,7 @@ from gileak import registry
 from gileak.base import Attack, Dataset, Defense, Model
 from gileak.errors import GileakError, NotApplicableError, UserInputError
 from gileak.spec import BenchSpec, ComponentRef
+from gileak.store import CellFacts
 
 #: Spec fields every result of a run directory shares (see gileak.store).
 BUDGET_FIELDS = ("victims", "iterations", "rounds", "attack_at", "patience")
@@ -192,20 +193,10 @@ class AttackOutcome:
     trace: Any = None  # base.GradientTrace
 
 
-@dataclass
-class CellOutcome:
-    """A training cell's shared facts (utility, size, notes) for its attacks' results."""
+@dataclass(kw_only=True)
+class CellOutcome(CellFacts):
+    """A training cell's shared facts (utility, size, notes) and its attacks' outcomes."""
 
-    accuracy: float | None = None
-    epsilon: float | None = None
-    params: int | None = None
-    params_added_pct: float | None = None
-    rounds_run: int | None = None
-    attacked_round: int | None = None
-    training_seconds: float | None = None
-    accuracy_curve: list[float] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    env: dict[str, Any] = field(default_factory=dict)
     attacks: list[AttackOutcome] = field(default_factory=list)
 
 
@@ -321,7 +312,7 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
                     net.load_state_dict(trained.snapshots[keep[0]])
                     outcome.attacked_round = keep[0]
                 else:  # early stopping ended training before that round
-                    outcome.notes.append(f"training stopped after round {trained.rounds_run}, before "
+                    outcome.cell_notes.append(f"training stopped after round {trained.rounds_run}, before "
                                          f"--attack-at {spec.attack_at}; the final model was attacked")
 
         victim_idx = data.pick_victims(_victim_pool(len(train_images), fl_config, spec), spec.victims, cell.seed)
@@ -524,11 +515,7 @@ class Runner:
         self.store.put(StoredResult(
             cell=cell_id(cell), attack=result.attack, dataset=key[0], model=key[1], defense=key[2],
             seed=cell.seed, attack_label=key[3], position=position, status=result.status, error=result.error,
-            note=note, seconds=result.seconds, accuracy=outcome.accuracy, epsilon=outcome.epsilon,
-            params=outcome.params, params_added_pct=outcome.params_added_pct, rounds_run=outcome.rounds_run,
-            attacked_round=outcome.attacked_round, training_seconds=outcome.training_seconds,
-            accuracy_curve=outcome.accuracy_curve, cell_notes=outcome.notes, env=outcome.env,
-            victims=result.victims,
+            note=note, seconds=result.seconds, victims=result.victims, **outcome.facts(),
         ))
 
     def _group_position(self, cell: TrainingCell) -> int:

@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,27 @@ class VictimRecord:
     loss: float | None
 
 
-@dataclass
-class StoredResult:
+@dataclass(kw_only=True)
+class CellFacts:
+    """What a training cell's attacks share: utility, size, training, notes, environment."""
+
+    accuracy: float | None = None
+    epsilon: float | None = None
+    params: int | None = None
+    params_added_pct: float | None = None
+    rounds_run: int | None = None
+    attacked_round: int | None = None
+    training_seconds: float | None = None
+    accuracy_curve: list[float] = field(default_factory=list)
+    cell_notes: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def facts(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(CellFacts)}
+
+
+@dataclass(kw_only=True)
+class StoredResult(CellFacts):
     """One (cell, attack) as stored: an `ok` result has victims; `failed` and `not applicable`
     carry the reason in `error`."""
 
@@ -107,16 +126,6 @@ class StoredResult:
     error: str | None = None
     note: str | None = None
     seconds: float | None = None
-    accuracy: float | None = None
-    epsilon: float | None = None
-    params: int | None = None
-    params_added_pct: float | None = None
-    rounds_run: int | None = None
-    attacked_round: int | None = None
-    training_seconds: float | None = None
-    accuracy_curve: list[float] = field(default_factory=list)
-    cell_notes: list[str] = field(default_factory=list)
-    env: dict[str, Any] = field(default_factory=dict)
     victims: list[VictimRecord] = field(default_factory=list)
 
 

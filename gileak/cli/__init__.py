@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]Error:[/] {e}", highlight=False)
         code = EXIT_RUN_FAILED
     except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/] Finished cells were written to the run directory.")
+        err.print("[yellow]Interrupted.[/] Finished results are in the run directory; run the same command "
+                  "again to resume.")
         code = 130
     except Exception as e:  # the command-line parser's own usage errors, exits and aborts
         code = _parser_exit_code(e)
