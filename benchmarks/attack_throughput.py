@@ -1,36 +1,52 @@
-"""Attack throughput: victim-iterations per second, batched (vmap) vs a per-victim loop,
-and the useful FLOP/s — the FLOPs of one victim's attack step (torch.utils.flop_counter on a
-single-victim step) x victim-iterations per second — as a share of a 2048x2048 float32 matmul's
-FLOP/s measured in the same run.
+"""Attack throughput: victim-iterations per second of the batched engine (the factored fast
+path where the model allows it, else vmap), of vmap(grad(...)) alone, and of a per-victim loop;
+and the useful FLOP/s — the FLOPs of one victim's attack step in the original formulation
+(torch.utils.flop_counter on a single-victim, vmap-free step) x victim-iterations per second —
+as a share of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
 
-Usage: python benchmarks/attack_throughput.py [--victims 1,8,32,128] [--iterations 20] [--device auto]
+Usage: python benchmarks/attack_throughput.py [--models cnn] [--victims 1,8,32,128] [--iterations 20]
+       [--repeats 3] [--device auto]
+
+Each figure is the median of --repeats timed runs; the machine's other load shows up as spread
+between repeats, so run it on an otherwise idle machine. The same script runs on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
 from gileak.default_plugins.defenses import NoDefense
-from gileak.default_plugins.models import CNN
+from gileak.default_plugins.models import CNN, MLP, ResNet18, ViT
 from gileak.engine import MatchingConfig, gradient_matching
 from gileak.threat import Target, shared_gradients
 
+MODELS = {"cnn": CNN, "mlp": MLP, "resnet18": ResNet18, "vit": ViT}
+INPUT = (3, 32, 32)
 
-def measure(target: Target, labels: torch.Tensor, iterations: int, vectorized: bool) -> float:
-    """Victim-iterations per second; stopping rules are off so every victim runs every iteration."""
-    config = MatchingConfig(vectorized=vectorized, min_loss=0.0, stop_patience=10**9)
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(target: Target, labels: torch.Tensor, iterations: int, repeats: int, **engine) -> float:
+    """Victim-iterations per second (median of `repeats`); stopping rules are off so every
+    victim runs every iteration. `engine`: MatchingConfig's vectorized / factored."""
+    config = MatchingConfig(min_loss=0.0, stop_patience=10**9, **engine)
     seeds = list(range(target.num_victims))
     gradient_matching(target, config, seeds=seeds, max_iterations=1, labels=labels)  # warm-up
-    if target.device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    gradient_matching(target, config, seeds=seeds, max_iterations=iterations, labels=labels)
-    if target.device.type == "cuda":
-        torch.cuda.synchronize()
-    return target.num_victims * iterations / (time.perf_counter() - started)
+    rates = []
+    for _ in range(repeats):
+        _sync(target.device)
+        started = time.perf_counter()
+        gradient_matching(target, config, seeds=seeds, max_iterations=iterations, labels=labels)
+        _sync(target.device)
+        rates.append(target.num_victims * iterations / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
@@ -40,18 +56,17 @@ def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         started = time.perf_counter()
         a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
 
 
 def step_flops(target: Target, labels: torch.Tensor) -> float:
-    """FLOPs of ONE victim's attack step (dummy gradient + distance + its gradient w.r.t. the image)."""
+    """FLOPs of ONE victim's attack step in the original formulation (dummy gradient +
+    distance + its gradient w.r.t. the image, no vmap), whatever engine runs it."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gileak.engine.matching import make_victim_loss
@@ -64,29 +79,45 @@ def step_flops(target: Target, labels: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
+def engine_name(target: Target) -> str:
+    from gileak.engine.matching import factored_engine, make_victim_loss
+
+    config = MatchingConfig()
+    return "factored" if factored_engine(target, config, make_victim_loss(target, config)) is not None else "vmap"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cnn", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--victims", default="1,8,32,128")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--loop-iterations", type=int, default=5, help="iterations for the slower per-victim loop")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown")
+    parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} model=cnn input=3x32x32")
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"input={'x'.join(map(str, INPUT))}")
     peak = matmul_flops(device)
     print(f"2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'victims':>8} {'batched it/s':>14} {'loop it/s':>12} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
-    for count in (int(v) for v in args.victims.split(",")):
-        torch.manual_seed(0)
-        net = CNN().build((3, 32, 32), 10).to(device)
-        images = torch.rand(count, 3, 32, 32, device=device)
-        labels = torch.randint(0, 10, (count,), device=device)
-        target = Target(net, shared_gradients(net, NoDefense(), images, labels), (3, 32, 32), 10, labels=labels)
-        batched = measure(target, labels, args.iterations, vectorized=True)
-        looped = measure(target, labels, args.loop_iterations, vectorized=False)
-        useful = step_flops(target, labels) * batched
-        print(f"{count:>8} {batched:>14.0f} {looped:>12.0f} {batched / looped:>6.1f}x {useful / 1e9:>15.2f} "
-              f"{100 * useful / peak:>9.1f}%", flush=True)
+    for model_name in args.models.split(","):
+        header = (f"{'model':>8} {'engine':>9} {'victims':>8} {'batched it/s':>13} {'vmap it/s':>10} {'loop it/s':>10} "
+                  f"{'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
+        print(header)
+        for count in (int(v) for v in args.victims.split(",")):
+            torch.manual_seed(0)
+            net = MODELS[model_name]().build(INPUT, 10).to(device)
+            images = torch.rand(count, *INPUT, device=device)
+            labels = torch.randint(0, 10, (count,), device=device)
+            target = Target(net, shared_gradients(net, NoDefense(), images, labels), INPUT, 10, labels=labels)
+            batched = measure(target, labels, args.iterations, args.repeats)
+            vmapped = float("nan") if args.no_vmap else measure(target, labels, args.iterations, args.repeats,
+                                                                   factored=False)
+            looped = measure(target, labels, args.loop_iterations, args.repeats, vectorized=False)
+            useful = step_flops(target, labels) * batched
+            print(f"{model_name:>8} {engine_name(target):>9} {count:>8} {batched:>13.0f} {vmapped:>10.0f} "
+                  f"{looped:>10.0f} {batched / looped:>6.1f}x {useful / 1e9:>15.2f} {100 * useful / peak:>9.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,122 @@ def test_forward_order_follows_the_forward_pass_not_the_names():
     order = forward_order(net, (1, 32, 32))
     assert order[0] == "0.weight" and order[-1].endswith("bias")
     assert order == [n for n, _ in net.named_parameters()]  # a Sequential runs in definition order
+
+
+# --- the factored fast path (gileak.engine.fast) ---------------------------------------------
+
+from torch.func import grad_and_value, vmap  # noqa: E402
+
+from gileak.engine.fast import FactoredMatching, _low_rank  # noqa: E402
+from gileak.engine.matching import factored_engine, make_victim_loss  # noqa: E402
+
+
+def _steps(target, config, images):
+    """One step's image gradients, losses and (traced) cosines by vmap and by the fast path."""
+    victim_loss = make_victim_loss(target, config)
+    shared = tuple(target.shared_gradient[n] for n in victim_loss.names)
+    labels = target.labels
+    reference, (losses, aux) = vmap(grad_and_value(victim_loss, has_aux=True), randomness="different")(
+        images, labels, shared)
+    fast = factored_engine(target, config, victim_loss)
+    assert isinstance(fast, FactoredMatching)
+    grads, fast_losses, cosines = fast.step(images, labels, shared)
+    return (reference, losses, aux[1] if config.trace else None), (grads, fast_losses, cosines), (fast, shared)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("trace", [False, True])
+def test_factored_step_matches_the_vmap_step(small_target, distance, trace):
+    net, gradients, labels = small_target
+    target = Target(net, gradients, (3, 32, 32), 10, labels=labels)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    config = MatchingConfig(distance=distance, trace=trace)
+    (ref, ref_loss, ref_cos), (ours, loss, cos), _ = _steps(target, config, images)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    if trace:
+        torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
+
+
+def test_factored_step_of_a_subset_of_victims_matches_the_full_step(small_target):
+    net, gradients, labels = small_target
+    target = Target(net, gradients, (3, 32, 32), 10, labels=labels)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    _, (grads, losses, _), (fast, shared) = _steps(target, MatchingConfig(), images)
+    part_grads, part_losses, _ = fast.step(images, labels, shared, torch.tensor([0, 2]))
+    torch.testing.assert_close(part_grads, grads[[0, 2]])
+    torch.testing.assert_close(part_losses, losses[[0, 2]])
+
+
+def test_factored_engine_matches_vmap_and_the_per_victim_loop(small_target):
+    net, gradients, labels = small_target
+    target = Target(net, gradients, (3, 32, 32), 10, labels=labels)
+    assert factored_engine(target, MatchingConfig(), make_victim_loss(target, MatchingConfig())) is not None
+    results = {}
+    for name, engine in {"factored": {}, "vmap": {"factored": False}, "loop": {"vectorized": False}}.items():
+        config = MatchingConfig(lr=0.1, minmax=False, **engine)
+        results[name] = gradient_matching(target, config, seeds=[1, 2, 3], max_iterations=25, labels=labels)
+    for other in ("vmap", "loop"):
+        torch.testing.assert_close(results["factored"].images, results[other].images, atol=1e-4, rtol=0)
+        assert results["factored"].final_loss == pytest.approx(results[other].final_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("defense", ["cvb", "precode"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_factored_step_serves_defended_models_and_the_ignore_attack(defense, ignore):
+    from gileak.default_plugins.defenses import CVB, Precode
+    from gileak.nets import first_stochastic_cut
+
+    torch.manual_seed(0)
+    net = CNN().build((3, 32, 32), 10)
+    (CVB(position=[2]) if defense == "cvb" else Precode(position=1)).apply(net)
+    net.eval()  # deterministic bottlenecks: the two engines see the same sample
+    images = torch.rand(2, 3, 32, 32)
+    labels = torch.tensor([3, 8])
+    target = Target(net, shared_gradients(net, NoDefense(), images, labels), (3, 32, 32), 10, labels=labels)
+    keep = tuple(first_stochastic_cut(net, (3, 32, 32))) if ignore else None
+    dummies = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    (ref, ref_loss, _), (ours, loss, _), _ = _steps(target, MatchingConfig(keep=keep), dummies)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_factored_step_draws_independent_noise_per_victim():
+    from gileak.default_plugins.defenses import CVB
+
+    torch.manual_seed(0)
+    net = CNN().build((3, 32, 32), 10)
+    CVB(position=[2]).apply(net)  # training mode: the bottleneck samples
+    image, label = torch.rand(1, 3, 32, 32), torch.tensor([2])
+    one = shared_gradients(net, NoDefense(), image, label)
+    gradients = {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in one.items()}
+    target = Target(net, gradients, (3, 32, 32), 10, labels=label.repeat(2))
+    config = MatchingConfig()
+    fast = factored_engine(target, config, make_victim_loss(target, config))
+    shared = tuple(gradients[n] for n in make_victim_loss(target, config).names)
+    grads, _, _ = fast.step(torch.rand(1, 3, 32, 32).repeat(2, 1, 1, 1), target.labels, shared)
+    assert not torch.allclose(grads[0], grads[1])  # same victim twice, different samples
+
+
+def test_models_the_fast_path_does_not_cover_fall_back_to_vmap():
+    from gileak.default_plugins.models import MLP
+
+    torch.manual_seed(0)
+    net = MLP(width=16).build((3, 8, 8), 10)  # batch norm: the victims of a batch would interact
+    images, labels = torch.rand(2, 3, 8, 8), torch.tensor([0, 5])
+    target = Target(net, shared_gradients(net, NoDefense(), images, labels), (3, 8, 8), 10, labels=labels)
+    assert factored_engine(target, MatchingConfig(), make_victim_loss(target, MatchingConfig())) is None
+    auto = gradient_matching(target, MatchingConfig(lr=0.1, minmax=False), seeds=[1, 2], max_iterations=3,
+                             labels=labels)
+    plain = gradient_matching(target, MatchingConfig(lr=0.1, minmax=False, factored=False), seeds=[1, 2],
+                              max_iterations=3, labels=labels)
+    torch.testing.assert_close(auto.images, plain.images)
+
+
+def test_low_rank_factors_reproduce_a_rank_one_shared_gradient_and_decline_a_full_rank_one():
+    generator = torch.Generator().manual_seed(0)
+    rank_one = torch.randn(4, 64, 1, generator=generator) * torch.randn(4, 1, 800, generator=generator)
+    left, right = _low_rank(rank_one)
+    assert left.shape == (4, 64, 1) and right.shape == (4, 800, 1)
+    torch.testing.assert_close(left @ right.transpose(1, 2), rank_one, rtol=1e-5, atol=1e-6)
+    assert _low_rank(torch.randn(4, 64, 800, generator=generator)) is None

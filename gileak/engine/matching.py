@@ -2,7 +2,11 @@
 
 Each victim i has its own dummy image, its own Adam state, learning rate, plateau schedule and
 stopping; per-victim dummy gradients come from `vmap` over `grad` of the client loss, so victim
-i's trajectory depends only on its own seed and shared gradient, batched or alone."""
+i's trajectory depends only on its own seed and shared gradient, batched or alone. Where the
+model allows it (Conv2d / Linear stacks, with or without the variational bottlenecks), the
+factored fast path of `gileak.engine.fast` computes the same per-victim losses and image
+gradients from per-layer factors instead of vmap; `MatchingConfig.factored=False` or any other
+model uses vmap, and `vectorized=False` the plain per-victim loop."""
 
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ class MatchingConfig:
     minmax: bool = True  # attacker-side post-processing: scale each reconstruction to [0, 1]
     trace: bool = False  # record the per-layer cosine(dummy, shared gradient) of every iteration
     vectorized: bool = True  # False: a plain per-victim loop (the reference the tests compare to)
+    #: With `vectorized`, use the factored fast path (gileak.engine.fast) where the model allows
+    #: it; False (or an unsupported model) uses vmap(grad(...)).
+    factored: bool = True
 
 
 def minmax_scale(images: torch.Tensor) -> torch.Tensor:
@@ -122,10 +129,22 @@ def make_victim_loss(target: Target, config: MatchingConfig) -> Callable:
         return total, (reconstruction,)
 
     victim_loss.names = wanted  # type: ignore[attr-defined]
+    victim_loss.matched = names  # type: ignore[attr-defined]
+    victim_loss.groups = groups  # type: ignore[attr-defined]
     modules = dict(target.net.named_modules())
     victim_loss.layers = [f"{g} ({type(modules[g]).__name__})" if g in modules else g  # type: ignore[attr-defined]
                           for g in groups]
     return victim_loss
+
+
+def factored_engine(target: Target, config: MatchingConfig, victim_loss: Callable):
+    """The factored fast path (gileak.engine.fast) for this attack, or None where it does not
+    apply (the per-victim loop, `factored=False`, or a model it does not support)."""
+    if not (config.vectorized and config.factored):
+        return None
+    from gileak.engine.fast import FactoredMatching
+
+    return FactoredMatching.build(target, config, victim_loss.matched, victim_loss.names, victim_loss.groups)
 
 
 def gradient_matching(
@@ -159,11 +178,25 @@ def gradient_matching(
     trace_rows: list[torch.Tensor] = []
     step = grad_and_value(victim_loss, has_aux=True)
     batched_step = vmap(step, randomness="different")
+    fast = factored_engine(target, config, victim_loss)
 
     for _ in range(max_iterations):
         if not bool(active.any()):
             break
-        if config.vectorized:
+        if fast is not None:
+            # Stopped victims are left out of the work; their rows are ignored below.
+            index = None if bool(active.all()) else active.nonzero().squeeze(1)
+            part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
+            if index is None:
+                image_grads, losses, cosines = part_grads, part_losses, part_cosines
+            else:
+                image_grads = torch.zeros_like(images).index_copy(0, index, part_grads)
+                losses = torch.zeros(num_victims, device=device).index_copy(0, index, part_losses)
+                cosines = None
+                if part_cosines is not None:
+                    cosines = torch.full((num_victims, part_cosines.shape[1]), float("nan"),
+                                         device=device).index_copy(0, index, part_cosines)
+        elif config.vectorized:
             image_grads, (losses, aux) = batched_step(images, labels, shared)
             cosines = aux[1] if config.trace else None
         else:

@@ -1,0 +1,530 @@
+"""The factored fast path of the gradient-matching engine.
+
+For a model made only of layers whose per-sample weight gradient is a product of two factors —
+Conv2d and Linear (G = sum_p g_p a_p^T over output positions p, with a_p the unfolded input and
+g_p the output gradient) — and of per-sample element-wise or spatial modules in between (ReLU,
+Flatten, pooling, the variational bottlenecks' sampling), the N victims' dummy gradients never
+need to be formed one by one. One ordinary batched forward of the N dummies, the N victims
+being N independent single-image clients, gives every layer's input a; one backward of the sum
+of the per-victim losses gives every layer's per-sample output gradient g (the victims do not
+interact, so the gradient of the sum w.r.t. victim i's activations is victim i's own). From the
+factors, each victim's inner product with its shared gradient and the squared norm of its dummy
+gradient are taken per layer, whichever way is cheaper:
+
+* materialised: G_i = g_i U_i^T by a batched matmul, then <G_i, S_i> and ||G_i||^2;
+* ghost (Opacus's ghost clipping): ||G_i||^2 = sum_{p,q} (g_p . g_q)(u_p . u_q) from two P x P
+  Gram matrices and <G_i, S_i> = sum_p g_p . (S_i u_p), never forming G_i — a large win for layers
+  with few output positions (the CNN's last convolution and every Linear on vectors). Where
+  the victims' shared gradients of such a layer are of low rank (one image's gradient of a
+  layer with P positions has rank <= P), S_i = L_i R_i^T is factored once per attack, checked
+  to float precision, and <G_i, S_i> = sum_p (L_i^T g_p) . (R_i^T u_p) never reads S_i again.
+
+A convolution's output comes from the library convolution, but its gradient is routed through
+its unfolded input (z = W U), so that reaching the image takes one fold per layer.
+
+The cosine (or Euclidean) distance and the total-variation prior follow per victim, and a
+second backward of the summed per-victim losses gives every victim's image gradient. Each
+victim's loss, and so its image gradient, is exactly what the vmap formulation computes, up to
+floating-point summation order.
+
+Anything else — batch norm (couples the victims of a batch), layer norm, attention, a module
+called twice, a custom container — is not supported here and `FactoredMatching.build` returns
+None, so the caller falls back to the vmap engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from gileak.nets import Slot, aux_loss
+
+#: Leaf modules that act on each sample alone and own no parameters (or, Conv2d/Linear, whose
+#: parameters the fast path handles). Exact types: a subclass may override forward.
+_PER_SAMPLE = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+    nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
+)
+#: Layers whose per-sample gradient is formed from factors.
+_FACTORED = (nn.Conv2d, nn.Linear)
+
+
+def _containers() -> tuple[type, ...]:
+    """Modules with children whose own forward acts on each sample alone. The bottlenecks
+    average their KL over the batch, which `FactoredMatching` scales back to a per-victim sum."""
+    from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck
+
+    return (nn.Sequential, Slot, PrecodeBottleneck, ConvBottleneck)
+
+
+def _batch_mean_aux(module: nn.Module) -> bool:
+    from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck
+
+    return type(module) in (PrecodeBottleneck, ConvBottleneck)
+
+
+@dataclass
+class _Layer:
+    """A Conv2d or Linear whose parameters are (partly) matched."""
+
+    name: str
+    module: nn.Module
+    weight: str | None  # parameter name, when its gradient is wanted
+    bias: str | None
+    ghost: bool = False  # ghost norm / factored inner product instead of materialising G_i
+    unfold: dict | None = None  # F.unfold's arguments for a convolution
+
+
+def _conv_unfold_args(conv: nn.Conv2d) -> dict | None:
+    """F.unfold's arguments reproducing conv's patches, or None when unfold cannot (grouped,
+    asymmetric 'same' padding, non-zero padding mode)."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        return None
+    kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            padding = (0, 0)
+        else:  # "same" (stride 1): symmetric only when dilation * (k - 1) is even
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            if any(t % 2 for t in totals):
+                return None
+            padding = tuple(t // 2 for t in totals)
+    else:
+        padding = tuple(conv.padding)
+    return {"kernel_size": tuple(kernel), "dilation": tuple(dilation), "padding": padding, "stride": tuple(stride)}
+
+
+def _supported(net: nn.Module) -> bool:
+    containers = _containers()
+    for module in net.modules():
+        kind = type(module)
+        if kind in _FACTORED:
+            if kind is nn.Conv2d and _conv_unfold_args(module) is None:
+                return False
+        elif kind in containers:
+            if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+                return False
+        elif kind not in _PER_SAMPLE:
+            return False
+    return True
+
+
+class FactoredMatching:
+    """Per-victim gradient-matching losses and image gradients for a batch of victims.
+
+    `step(images, labels, shared, index)` returns (image gradients (n, C, H, W), total losses
+    (n,), per-layer cosines (n, layers) or None) for the victims `index` (all when None);
+    `shared` is the tuple of shared gradients in `names` order with a leading victim dim."""
+
+    def __init__(self, target, config, names: list[str], wanted: list[str], groups: dict[str, list[str]],
+                 layers: list[_Layer], factored: list[_Layer], aux_scaled: bool) -> None:
+        self.target = target
+        self.config = config
+        self.names = names
+        self.wanted = wanted
+        self.groups = groups
+        self.layers = layers  # the matched ones
+        self.factored = factored  # every Conv2d / Linear: each runs with the target's parameters
+        self.aux_scaled = aux_scaled
+        self.state = {**target.params, **target.frozen}
+        self._prepared: tuple | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, target, config, names: list[str], wanted: list[str],
+              groups: dict[str, list[str]]) -> FactoredMatching | None:
+        """The fast path for this target, or None when the model or the distance is not supported."""
+        if config.distance not in ("cosine", "euclidean"):
+            return None
+        net = target.net
+        if not _supported(net):
+            return None
+        owners: dict[str, tuple[nn.Module, str, str]] = {}
+        modules = dict(net.named_modules())
+        for name in target.params:  # every trainable parameter must belong to a factored layer
+            prefix, _, leaf = name.rpartition(".")
+            module = modules.get(prefix)
+            if type(module) not in _FACTORED or leaf not in ("weight", "bias"):
+                return None
+            owners[name] = (module, prefix, leaf)
+        factored = [_Layer(name, module, None, None,
+                           unfold=_conv_unfold_args(module) if type(module) is nn.Conv2d else None)
+                    for name, module in net.named_modules() if type(module) in _FACTORED]
+        by_prefix = {layer.name: layer for layer in factored}
+        for name in wanted:
+            _, prefix, leaf = owners[name]
+            setattr(by_prefix[prefix], leaf, name)
+        shapes = cls._dry_run(target, factored)
+        if shapes is None:
+            return None
+        layers = [layer for layer in factored if layer.weight is not None or layer.bias is not None]
+        for layer in layers:
+            positions, fan_in, fan_out = shapes[layer.name]
+            # Materialising costs a (fan_out x fan_in) element-wise tail per victim (several
+            # passes, memory-bound); the ghost terms cost two P x P Gram matrices.
+            layer.ghost = config.distance == "cosine" and positions**2 * (fan_in + fan_out) < 8 * fan_in * fan_out
+        aux_scaled = any(_batch_mean_aux(m) for m in net.modules())
+        return cls(target, config, names, wanted, groups, layers, factored, aux_scaled)
+
+    @staticmethod
+    def _dry_run(target, layers: list[_Layer]) -> dict[str, tuple[int, int, int]] | None:
+        """(output positions, fan-in, fan-out) of each layer from one forward of two dummies,
+        checking that each runs exactly once and keeps the batch dim first; None otherwise. The
+        global RNG (stochastic modules) is left as it was."""
+        shapes: dict[str, tuple[int, int, int] | None] = {}
+        calls: dict[str, int] = {}
+        handles = []
+
+        def hook(layer):
+            def record(module, inputs, output):
+                calls[layer.name] = calls.get(layer.name, 0) + 1
+                a = inputs[0]
+                if type(module) is nn.Conv2d:
+                    ok = a.dim() == 4 and output.dim() == 4 and a.shape[0] == 2
+                    positions = output.shape[2] * output.shape[3]
+                    fan_in = module.in_channels * math.prod(module.kernel_size)
+                else:
+                    ok = a.dim() >= 2 and a.shape[0] == 2
+                    positions = math.prod(a.shape[1:-1])
+                    fan_in = module.in_features
+                shapes[layer.name] = (positions, fan_in, module.weight.shape[0]) if ok else None
+            return record
+
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(hook(layer)))
+        try:
+            devices = [target.device] if target.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                state = {**target.params, **target.frozen}
+                functional_call(target.net, state, (torch.zeros((2, *target.input_shape), device=target.device),))
+        except Exception:  # noqa: BLE001 — anything odd: the vmap engine handles it
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(calls.get(layer.name) != 1 or shapes.get(layer.name) is None for layer in layers):
+            return None
+        return shapes
+
+    # ------------------------------------------------------------------ per-step work
+    def _prepare(self, shared: tuple[torch.Tensor, ...]) -> tuple:
+        """Each matched parameter's shared gradients as a tuple of tensors with a leading victim
+        dim — (S^T (N, fan_in, fan_out),) where the dummy gradient is materialised (transposed,
+        so that the image gradient needs no copies), (S (N, fan_out, fan_in),) or, when the
+        victims' shared gradients are of low rank r, their factors (L (N, fan_out, r),
+        R (N, fan_in, r)) with S = L R^T, where it is not — and each victim's squared shared norm
+        per parameter; computed once per attack."""
+        if self._prepared is not None and self._prepared[0] is shared:
+            return self._prepared[1]
+        by_name = dict(zip(self.wanted, shared))
+        laid_out = {}
+        for layer in self.layers:
+            if layer.weight is not None:
+                s = by_name[layer.weight]
+                s = s.reshape(s.shape[0], s.shape[1], -1)
+                if not layer.ghost:
+                    laid_out[layer.weight] = (s.transpose(1, 2).contiguous(),)
+                else:
+                    laid_out[layer.weight] = _low_rank(s) or (s.contiguous(),)
+            if layer.bias is not None:
+                laid_out[layer.bias] = (by_name[layer.bias].contiguous(),)
+        squares = {n: by_name[n].flatten(1).pow(2).sum(1) for n in self.wanted}
+        self._prepared = (shared, (laid_out, squares))
+        return self._prepared[1]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, shared: tuple[torch.Tensor, ...],
+             index: torch.Tensor | None = None):
+        laid_out, squares = self._prepare(shared)
+        if index is not None:
+            images, labels = images[index], labels[index]
+            laid_out = {n: tuple(t[index] for t in s) for n, s in laid_out.items()}
+            squares = {n: s[index] for n, s in squares.items()}
+        count = images.shape[0]
+        x = images.detach().requires_grad_(True)
+
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.enable_grad():
+            for layer in self.factored:
+                layer.module.forward = self._forward(layer, captured)  # instance attribute, removed below
+            try:
+                logits = self.target.net(x)
+            finally:
+                for layer in self.factored:
+                    del layer.module.forward
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            extra = aux_loss(self.target.net)
+            if not isinstance(extra, float) or extra:
+                loss = loss + (count if self.aux_scaled else 1) * extra
+
+            outputs = [captured[layer.name][1] for layer in self.layers]
+            output_grads = torch.autograd.grad(loss, outputs, create_graph=True)
+            dots: dict[str, torch.Tensor] = {}
+            norms: dict[str, torch.Tensor] = {}
+            diffs: dict[str, torch.Tensor] = {}
+            for layer, g in zip(self.layers, output_grads):
+                self._layer_terms(layer, captured[layer.name][0], g, laid_out, dots, norms, diffs)
+            total = self._distance(dots, norms, diffs, squares, x)
+            (image_grads,) = torch.autograd.grad(total.sum(), x)
+        cosines = None
+        if self.groups:
+            cosines = torch.stack([
+                _cosine_from(sum(dots[n] for n in g), sum(norms[n] for n in g), sum(squares[n] for n in g))
+                for g in self.groups.values()
+            ], dim=1).detach()
+        return image_grads, total.detach(), cosines
+
+    def _forward(self, layer: _Layer, captured: dict) -> Callable:
+        """The layer's forward with the target's parameters; a matched layer leaves (its
+        unfolded input U (n, fan_in, P), its output z) in `captured`. A matched convolution's
+        output is the library convolution's, but its gradient flows through U (z = W U), so
+        that the image gradient takes one fold (col2im) per layer instead of a convolution's
+        backward plus a fold."""
+        module = layer.module
+        weight = self.state[f"{layer.name}.weight" if layer.name else "weight"]
+        bias = self.state.get(f"{layer.name}.bias" if layer.name else "bias") if module.bias is not None else None
+        record = layer.weight is not None or layer.bias is not None
+
+        if type(module) is nn.Linear:
+            def linear(a):
+                z = F.linear(a, weight, bias)
+                if record:
+                    captured[layer.name] = (a, z)
+                return z
+            return linear
+
+        args = dict(layer.unfold)
+
+        def conv(a):
+            if not record:
+                return F.conv2d(a, weight, bias, args["stride"], args["padding"], args["dilation"])
+            u = _patches(a, args)
+            z = _ConvThroughPatches.apply(a, u, weight, bias, args)
+            captured[layer.name] = (u, z)
+            return z
+        return conv
+
+    def _layer_terms(self, layer: _Layer, u: torch.Tensor, g: torch.Tensor, laid_out, dots, norms, diffs) -> None:
+        """Victim-wise <G, S> and ||G||^2 of the layer's weight and bias gradients from its
+        unfolded input U and output gradient g; Euclidean: ||G - S||^2 in `diffs`, formed from
+        the materialised G (no cancellation near a match)."""
+        count = u.shape[0]
+        if layer.unfold is not None:
+            g = g.flatten(2)
+        else:  # Linear on (n, ..., in): positions are the middle dims
+            if u.dim() == 2:
+                u, g = u.unsqueeze(2), g.unsqueeze(2)
+            else:
+                u = u.reshape(count, -1, u.shape[-1]).transpose(1, 2)
+                g = g.reshape(count, -1, g.shape[-1]).transpose(1, 2)
+        # now U (n, fan_in, P) and g (n, fan_out, P)
+        euclidean = self.config.distance == "euclidean"
+        cosine = not euclidean or bool(self.groups)  # the trace's per-layer cosines need them too
+        if layer.weight is not None:
+            shared = laid_out[layer.weight]
+            if layer.ghost:
+                if u.shape[2] == 1:  # one position: G = g u^T, ||G||^2 = |g|^2 |u|^2
+                    g1, u1 = g.squeeze(2), u.squeeze(2)
+                    norms[layer.weight] = g1.pow(2).sum(1) * u1.pow(2).sum(1)
+                    if len(shared) == 2:  # <g u^T, L R^T> = (L^T g) . (R^T u)
+                        left, right = shared
+                        from_g = (g1.unsqueeze(2) * left).sum(1)  # (n, r)
+                        from_u = (u1.unsqueeze(2) * right).sum(1)
+                        dots[layer.weight] = (from_g * from_u).sum(1)
+                    else:
+                        dots[layer.weight] = (torch.bmm(g1.unsqueeze(1), shared[0]).squeeze(1) * u1).sum(1)
+                else:
+                    gram_g = torch.bmm(g.transpose(1, 2), g)
+                    gram_u = torch.bmm(u.transpose(1, 2), u)
+                    norms[layer.weight] = (gram_g * gram_u).flatten(1).sum(1)
+                    if len(shared) == 2:
+                        left, right = shared
+                        from_g = torch.bmm(g.transpose(1, 2), left)  # (n, P, r)
+                        from_u = torch.bmm(u.transpose(1, 2), right)
+                        dots[layer.weight] = (from_g * from_u).flatten(1).sum(1)
+                    else:
+                        dots[layer.weight] = (torch.bmm(shared[0], u) * g).flatten(1).sum(1)
+            elif euclidean or self.groups:
+                grad = torch.bmm(u, g.transpose(1, 2))  # G^T (n, fan_in, fan_out)
+                self._materialised(layer.weight, grad.flatten(1), shared[0].flatten(1), euclidean, cosine,
+                                   dots, norms, diffs)
+            else:
+                dots[layer.weight], norms[layer.weight] = _MaterialisedTerms.apply(u, g, shared[0])
+        if layer.bias is not None:
+            self._materialised(layer.bias, g.sum(2), laid_out[layer.bias][0], euclidean, cosine, dots, norms, diffs)
+
+    @staticmethod
+    def _materialised(name, grad, s, euclidean, cosine, dots, norms, diffs) -> None:
+        if euclidean:
+            diffs[name] = (grad - s).pow(2).sum(1)
+        if cosine:
+            norms[name] = grad.pow(2).sum(1)
+            dots[name] = (grad * s).sum(1)
+
+    def _distance(self, dots, norms, diffs, squares, x) -> torch.Tensor:
+        """Each victim's total loss: the gradient distance plus the weighted TV prior."""
+        config = self.config
+        if config.distance == "cosine":
+            dot = sum(dots[n] for n in self.names)
+            norm_a = sum(norms[n] for n in self.names).sqrt()
+            norm_b = sum(squares[n] for n in self.names).sqrt()
+            reconstruction = 1 - dot / (norm_a * norm_b + 1e-12)
+        else:
+            reconstruction = sum(diffs[n] for n in self.names)
+        if config.tv_weight:
+            dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+            dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+            return reconstruction + config.tv_weight * (dx + dy)
+        return reconstruction
+
+
+class _MaterialisedTerms(torch.autograd.Function):
+    """(<G_i, S_i>, ||G_i||^2) per victim with G_i^T = U_i g_i^T, in as few passes over the
+    (n, fan_in, fan_out) per-sample gradients as it takes; its backward runs once (the image
+    gradient), so it need not be differentiable."""
+
+    @staticmethod
+    def forward(ctx, u, g, shared_t):
+        grad_t = torch.bmm(u, g.transpose(1, 2))
+        n = grad_t.shape[0]
+        flat = grad_t.view(n, 1, -1)
+        dot = torch.bmm(flat, shared_t.reshape(n, -1, 1)).view(n)
+        norm = torch.bmm(flat, flat.transpose(1, 2)).view(n)
+        ctx.save_for_backward(u, g, shared_t, grad_t)
+        return dot, norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_dot, grad_norm):
+        u, g, shared_t, grad_t = ctx.saved_tensors
+        shape = (-1, 1, 1)
+        # d/dG^T of a <G, S> + b ||G||^2 = a S^T + 2 b G^T
+        upstream = torch.addcmul(shared_t * grad_dot.view(shape), grad_t, (2 * grad_norm).view(shape))
+        grad_u = torch.bmm(upstream, g)  # (n, fan_in, P)
+        grad_g = torch.bmm(u.transpose(1, 2), upstream).transpose(1, 2)  # (n, fan_out, P)
+        return grad_u, grad_g, None
+
+
+def _low_rank(s: torch.Tensor, residual: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factors (L (N, m, r), R (N, k, r)) with S_i = L_i R_i^T to a relative (Frobenius) error
+    below `residual` for every victim, when such an r is small enough for the factors to be
+    cheaper than S; None otherwise. One image's gradient of a layer with P output positions
+    has rank <= P (the CNN's last convolution and its classifier: 1) unless a defense adds
+    noise. Found by Gram-Schmidt with pivoting on the longer side's vectors (a few passes over
+    S, where an eigendecomposition per victim would cost more than the attack's first
+    iterations), and checked on S itself, so a factorisation is only used where it is exact to
+    float precision."""
+    n, m, k = s.shape
+    max_rank = (m * k) // (4 * (m + k))
+    if max_rank < 1:
+        return None
+    wide = m <= k
+    rows = s if wide else s.transpose(1, 2)  # (n, short, long): a basis of the long side's space
+    total = s.flatten(1).norm(dim=1)
+    remainder = rows.clone()
+    basis: list[torch.Tensor] = []
+    victims = torch.arange(n, device=s.device)
+    for _ in range(max_rank):
+        if bool((remainder.flatten(1).norm(dim=1) <= residual * total).all()):
+            break
+        vector = remainder[victims, remainder.norm(dim=2).argmax(1)]  # the largest remaining row
+        for previous in basis:  # re-orthogonalise (modified Gram-Schmidt)
+            vector = vector - (vector * previous).sum(1, keepdim=True) * previous
+        vector = vector / vector.norm(dim=1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+        basis.append(vector)
+        along = (remainder * vector.unsqueeze(1)).sum(2, keepdim=True)  # (element-wise: a batched
+        remainder.addcmul_(along, vector.unsqueeze(1), value=-1)  # matrix-vector product is slow on CPU)
+    if not basis:  # every shared gradient is zero
+        basis.append(torch.zeros_like(rows[:, 0]))
+    span = torch.stack(basis, dim=2)  # (n, long, r), orthonormal columns
+    coefficients = torch.stack([(rows * v.unsqueeze(1)).sum(2) for v in basis], dim=2)  # rows = C span^T
+    rebuilt = rows.clone()
+    for j, v in enumerate(basis):
+        rebuilt.addcmul_(coefficients[:, :, j : j + 1], v.unsqueeze(1), value=-1)
+    error = rebuilt.flatten(1).norm(dim=1)
+    if bool((error > residual * total).any()):
+        return None
+    return (coefficients, span) if wide else (span, coefficients)
+
+
+def _patches(a: torch.Tensor, args: dict) -> torch.Tensor:
+    """F.unfold(a, **args) — (n, C k_h k_w, P) — by a strided copy (a slice when the kernel
+    covers the input once), with a fold (col2im) as its backward."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
+    n, _, height, width = a.shape
+    if ph == 0 and pw == 0:
+        out_h = (height - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        if out_h == 1 and out_w == 1:
+            return a[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw].reshape(n, -1, 1)
+    return _Unfold.apply(a, args)
+
+
+class _Unfold(torch.autograd.Function):
+    """F.unfold with a faster forward on CPU (Tensor.unfold views and one copy where dilation
+    is 1) and F.fold as its backward; twice differentiable through `_Fold`."""
+
+    @staticmethod
+    def forward(ctx, a, args):
+        ctx.args = args
+        ctx.size = a.shape[-2:]
+        return _unfold(a, args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Fold.apply(grad, ctx.size, ctx.args), None
+
+
+class _Fold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cols, size, args):
+        ctx.args = args
+        return F.fold(cols, tuple(size), **args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Unfold.apply(grad, ctx.args), None, None
+
+
+def _unfold(a: torch.Tensor, args: dict) -> torch.Tensor:
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
+    if dh != 1 or dw != 1 or a.device.type != "cpu":
+        return F.unfold(a, **args)
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    n, channels = a.shape[:2]
+    windows = a.unfold(2, kh, sh).unfold(3, kw, sw)  # (n, C, H_out, W_out, kh, kw), a view
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(n, channels * kh * kw, -1)
+
+
+class _ConvThroughPatches(torch.autograd.Function):
+    """z = conv2d(a, W, b), computed by the library convolution, whose gradient is taken as
+    that of z = W U + b w.r.t. the unfolded input U (none w.r.t. a: it reaches a through U).
+    The backward is differentiable (for the second backward to the image)."""
+
+    @staticmethod
+    def forward(ctx, a, u, weight, bias, args):
+        ctx.save_for_backward(weight)
+        return F.conv2d(a, weight, bias, args["stride"], args["padding"], args["dilation"])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        n, out_channels = grad.shape[:2]
+        matrix = weight.reshape(out_channels, -1)
+        grad = grad.reshape(n, out_channels, -1)
+        if grad.shape[2] == 1:  # one position: a single matmul over the victims
+            grad_u = (grad.squeeze(2) @ matrix).unsqueeze(2)
+        else:
+            grad_u = torch.matmul(matrix.t(), grad)
+        return None, grad_u, None, None, None
+
+
+def _cosine_from(dot: torch.Tensor, norm_sq: torch.Tensor, shared_sq: torch.Tensor) -> torch.Tensor:
+    return dot / (norm_sq.sqrt() * shared_sq.sqrt() + 1e-12)
