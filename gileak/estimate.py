@@ -2,8 +2,8 @@
 
 For every (dataset, model, defense) the probe builds the defended model on the dataset's shape
 and times, on random inputs: two training steps of a small client batch (seconds per training
-sample, times the training images every round touches) and two batched gradient-matching steps
-on four victims (seconds per victim-iteration; every iterative attack takes one such step per
+sample, times the training images every round touches) and three batched gradient-matching steps
+on eight victims (seconds per victim-iteration; every iterative attack takes one such step per
 iteration, so the analytic attack's cost is overstated). The figures scale to the plan's
 budget and are upper bounds in one sense — attacks stop on a plateau and training on patience
 before their caps — and rough in others: a batched attack gets cheaper per victim as victims
@@ -42,7 +42,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def estimate(plan, device: str, probe_victims: int = 4, probe_iterations: int = 2,
+def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 3,
              describe=None) -> list[GroupEstimate]:
     import torch
     import torch.nn.functional as F
@@ -122,25 +122,25 @@ def estimate(plan, device: str, probe_victims: int = 4, probe_iterations: int = 
 
 
 def _matching_step_seconds(net, defense, victims, labels, input_shape, num_classes, steps: int) -> float:
-    """Seconds per victim-iteration of the batched gradient-matching step every iterative
-    attack (dlg, idlg, cpl, ig, ignore) takes: the dummy gradient of each victim and its
-    gradient with respect to the image."""
-    import torch
-    from torch.func import grad_and_value, vmap
-
-    from gileak.engine.matching import MatchingConfig, make_victim_loss
+    """Seconds per victim-iteration of the batched gradient-matching engine every iterative
+    attack (dlg, idlg, cpl, ig, ignore) steps with: the difference of a (1 + steps)- and a
+    1-iteration attack, so setup is not counted; no victim stops early."""
+    from gileak.engine.matching import MatchingConfig, gradient_matching
     from gileak.threat import Target, shared_gradients
 
     gradients = shared_gradients(net, defense, victims, labels, seed=0)
     target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
                     labels=labels)
-    victim_loss = make_victim_loss(target, MatchingConfig())
-    shared = tuple(target.shared_gradient[n] for n in victim_loss.names)
-    step = vmap(grad_and_value(victim_loss, has_aux=True), randomness="different")
-    images = torch.randn_like(victims)
-    step(images, labels, shared)  # warm-up
-    seconds = _timed(lambda: [step(images, labels, shared) for _ in range(steps)])
-    return seconds / (steps * len(victims))
+    config = MatchingConfig(plateau_patience=10**9, stop_patience=10**9, min_loss=0.0)
+    seeds = list(range(len(victims)))
+
+    def attack(iterations: int) -> float:
+        return _timed(lambda: gradient_matching(target, config, seeds=seeds, max_iterations=iterations,
+                                                labels=labels))
+
+    attack(1)  # warm-up
+    seconds = attack(1 + steps) - attack(1)
+    return max(seconds, 1e-9) / (steps * len(victims))
 
 
 def len_test_guess(train_size: int) -> int:

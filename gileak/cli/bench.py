@@ -188,7 +188,7 @@ def _dry_run(bench_spec, console: Console) -> None:
     console.print(table)
     console.print(f"Total: about {human(sum(e.total or 0.0 for e in estimates))} on {device}, at most: attacks stop on "
                   "a plateau and training on patience before their caps; batched attacks get cheaper per victim "
-                  "as victims grow (probed with 4).")
+                  "as victims grow (probed with 8).")
     for e in estimates:
         for note in dict.fromkeys(e.notes):
             console.print(f"  [yellow]note[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)}: "
