@@ -33,9 +33,12 @@ def rows(out_dir):
 
 
 def stored(out_dir):
+    """(cell, attack) -> finish time of every stored result; {} before the store has its tables."""
     db = sqlite3.connect(out_dir / "results.sqlite")
     try:
         return {(c, a): f for c, a, f in db.execute("SELECT cell, attack, finished FROM results")}
+    except sqlite3.OperationalError:  # a process caught between creating the file and its schema
+        return {}
     finally:
         db.close()
 
