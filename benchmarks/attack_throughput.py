@@ -1,5 +1,6 @@
 """Attack throughput: victim-iterations per second of the batched engine (the factored fast
-path where the model allows it, else vmap), of vmap(grad(...)) alone, and of a per-victim loop;
+path where the model allows it — "chain" where it is a plain Conv2d / Linear / ReLU chain
+stepped without autograd — else vmap), of vmap(grad(...)) alone, and of a per-victim loop;
 and the useful FLOP/s — the FLOPs of one victim's attack step in the original formulation
 (torch.utils.flop_counter on a single-victim, vmap-free step) x victim-iterations per second —
 as a share of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
@@ -83,7 +84,10 @@ def engine_name(target: Target) -> str:
     from gileak.engine.matching import factored_engine, make_victim_loss
 
     config = MatchingConfig()
-    return "factored" if factored_engine(target, config, make_victim_loss(target, config)) is not None else "vmap"
+    fast = factored_engine(target, config, make_victim_loss(target, config))
+    if fast is None:
+        return "vmap"
+    return "chain" if fast.chain is not None else "factored"
 
 
 def main() -> None:

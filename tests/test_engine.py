@@ -224,3 +224,90 @@ def test_low_rank_factors_reproduce_a_rank_one_shared_gradient_and_decline_a_ful
     assert left.shape == (4, 64, 1) and right.shape == (4, 800, 1)
     torch.testing.assert_close(left @ right.transpose(1, 2), rank_one, rtol=1e-5, atol=1e-6)
     assert _low_rank(torch.randn(4, 64, 800, generator=generator)) is None
+
+
+# --- the plain-chain step (derivatives written out) and its split across threads -----------
+
+def _chain_net():
+    from torch import nn
+
+    from gileak.nets import Slot
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Slot(1, (8, 12, 12)),  # 3 channels in: fold; 8: transposed conv
+        nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2), nn.ReLU(), nn.Identity(),
+        nn.Flatten(), nn.Linear(6 * 6 * 6, 12), nn.ReLU(), nn.Linear(12, 10),
+    )
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_chain_step_matches_the_autograd_path_and_vmap(distance, keep):
+    torch.manual_seed(0)
+    net = _chain_net()
+    images, labels = torch.rand(3, 3, 12, 12), torch.tensor([2, 5, 9])
+    target = Target(net, shared_gradients(net, NoDefense(), images, labels), (3, 12, 12), 10, labels=labels)
+    config = MatchingConfig(distance=distance, trace=True, keep=("3.weight", "7.bias") if keep else None)
+    dummies = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    (ref, ref_loss, ref_cos), (ours, loss, cos), (fast, shared) = _steps(target, config, dummies)
+    assert fast.chain is not None
+    fast.chain, fast._prepared = None, None  # the autograd path of the same engine
+    plain, plain_loss, plain_cos = fast.step(dummies, labels, shared)
+    for grads in (ours, plain):
+        torch.testing.assert_close(grads, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    for losses in (loss, plain_loss):
+        torch.testing.assert_close(losses, ref_loss, rtol=1e-5, atol=1e-6)
+    for cosines in (cos, plain_cos):
+        torch.testing.assert_close(cosines, ref_cos, rtol=1e-5, atol=1e-6)
+
+
+def test_the_paper_cnn_takes_the_chain_step_and_a_bottleneck_does_not(small_target):
+    from gileak.default_plugins.defenses import CVB
+
+    net, gradients, labels = small_target
+    target = Target(net, gradients, (3, 32, 32), 10, labels=labels)
+    assert factored_engine(target, MatchingConfig(), make_victim_loss(target, MatchingConfig())).chain is not None
+    torch.manual_seed(0)
+    defended = CNN().build((3, 32, 32), 10)
+    CVB(position=[2]).apply(defended)
+    image, label = torch.rand(1, 3, 32, 32), torch.tensor([2])
+    target = Target(defended, shared_gradients(defended, NoDefense(), image, label), (3, 32, 32), 10, labels=label)
+    fast = factored_engine(target, MatchingConfig(), make_victim_loss(target, MatchingConfig()))
+    assert fast is not None and fast.chain is None
+
+
+@pytest.mark.parametrize("args", [
+    {"kernel_size": (5, 5), "dilation": (1, 1), "padding": (0, 0), "stride": (2, 2)},
+    {"kernel_size": (3, 2), "dilation": (2, 1), "padding": (1, 2), "stride": (1, 2)},
+    {"kernel_size": (3, 3), "dilation": (1, 1), "padding": (0, 0), "stride": (1, 1)},
+])
+def test_fold_by_slices_matches_torch_fold(args):
+    import torch.nn.functional as F
+
+    from gileak.engine.fast import _fold
+
+    size = (2, 3, 9, 11)
+    cols = F.unfold(torch.randn(size), **args)
+    cols = torch.randn_like(cols)
+    torch.testing.assert_close(_fold(cols, torch.Size(size), args), F.fold(cols, size[2:], **args))
+
+
+def test_vmap_runs_in_memory_sized_chunks_with_the_same_result(monkeypatch):
+    """A large model's victims run through vmap in chunks (memory); chunking changes nothing."""
+    from gileak.default_plugins.models import MLP
+    from gileak.engine import matching
+    from gileak.engine.matching import MatchingConfig, gradient_matching, vmap_chunk
+    from gileak.threat import Target, shared_gradients
+
+    torch.manual_seed(0)
+    net = MLP(width=16).build((1, 6, 6), 4).train()
+    images, labels = torch.rand(5, 1, 6, 6), torch.randint(4, (5,))
+    target = Target(net, shared_gradients(net, NoDefense(), images, labels), (1, 6, 6), 4, labels=labels)
+    config = MatchingConfig(factored=False)
+    whole = gradient_matching(target, config, seeds=list(range(5)), max_iterations=4, labels=labels)
+    assert vmap_chunk(target, 5) is None
+    per_victim = matching.VMAP_COPIES * sum(p.numel() * 4 for p in target.params.values())
+    monkeypatch.setattr(matching, "VMAP_MEMORY", 2 * per_victim)
+    assert vmap_chunk(target, 5) == 2
+    chunked = gradient_matching(target, config, seeds=list(range(5)), max_iterations=4, labels=labels)
+    assert torch.allclose(whole.images, chunked.images, atol=1e-5)

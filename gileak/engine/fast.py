@@ -27,6 +27,13 @@ second backward of the summed per-victim losses gives every victim's image gradi
 victim's loss, and so its image gradient, is exactly what the vmap formulation computes, up to
 floating-point summation order.
 
+Where the model is a plain chain — Conv2d, Linear on vectors, ReLU, Flatten, Identity and
+empty Slots in Sequentials, e.g. the paper's CNN undefended — `_chain_step` computes the same
+thing with every derivative written out instead of taken twice by autograd: a dozen batched
+matmuls and library convolutions (forward, transposed and their adjoints) and a few
+element-wise passes per step, the col2im of the input gradient done as strided adds that run
+on every thread (PyTorch's CPU col2im runs on one).
+
 Anything else — batch norm (couples the victims of a batch), layer norm, attention, a module
 called twice, a custom container — is not supported here and `FactoredMatching.build` returns
 None, so the caller falls back to the vmap engine.
@@ -135,6 +142,9 @@ class FactoredMatching:
         self.aux_scaled = aux_scaled
         self.state = {**target.params, **target.frozen}
         self._prepared: tuple | None = None
+        #: The model as a plain chain of Conv2d / Linear / ReLU / Flatten (see `_chain_ops`),
+        #: stepped by `_chain_step` without autograd; None: the autograd path of `step`.
+        self.chain: list[tuple] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -171,7 +181,13 @@ class FactoredMatching:
             # passes, memory-bound); the ghost terms cost two P x P Gram matrices.
             layer.ghost = config.distance == "cosine" and positions**2 * (fan_in + fan_out) < 8 * fan_in * fan_out
         aux_scaled = any(_batch_mean_aux(m) for m in net.modules())
-        return cls(target, config, names, wanted, groups, layers, factored, aux_scaled)
+        chain = _chain_ops(net, factored, shapes, target)
+        if chain is not None:  # P = 1 layers as rank-one products, every other one materialised
+            for layer in layers:
+                layer.ghost = config.distance == "cosine" and shapes[layer.name][0] == 1
+        engine = cls(target, config, names, wanted, groups, layers, factored, aux_scaled)
+        engine.chain = chain
+        return engine
 
     @staticmethod
     def _dry_run(target, layers: list[_Layer]) -> dict[str, tuple[int, int, int]] | None:
@@ -235,7 +251,7 @@ class FactoredMatching:
                     laid_out[layer.weight] = _low_rank(s) or (s.contiguous(),)
             if layer.bias is not None:
                 laid_out[layer.bias] = (by_name[layer.bias].contiguous(),)
-        squares = {n: by_name[n].flatten(1).pow(2).sum(1) for n in self.wanted}
+        squares = {n: _squares(by_name[n].flatten(1)) for n in self.wanted}
         self._prepared = (shared, (laid_out, squares))
         return self._prepared[1]
 
@@ -246,6 +262,8 @@ class FactoredMatching:
             images, labels = images[index], labels[index]
             laid_out = {n: tuple(t[index] for t in s) for n, s in laid_out.items()}
             squares = {n: s[index] for n, s in squares.items()}
+        if self.chain is not None:
+            return self._chain_step(images.detach(), labels, laid_out, squares)
         count = images.shape[0]
         x = images.detach().requires_grad_(True)
 
@@ -279,6 +297,223 @@ class FactoredMatching:
                 for g in self.groups.values()
             ], dim=1).detach()
         return image_grads, total.detach(), cosines
+
+    # ------------------------------------------------------------------ the plain chain
+    def _weights(self, layer: _Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prefix = f"{layer.name}." if layer.name else ""
+        bias = self.state.get(f"{prefix}bias") if layer.module.bias is not None else None
+        return self.state[f"{prefix}weight"], bias
+
+    @torch.no_grad()
+    def _chain_step(self, x: torch.Tensor, labels: torch.Tensor, laid_out: dict, squares: dict):
+        """`step` for a plain chain (`_chain_ops`), every derivative written out instead of
+        taken by autograd: a forward keeping each layer's unfolded input U and each ReLU's output;
+        the output gradients g (backward 1); per victim <G, S>, ||G||^2 and the loss; the
+        derivative of the loss w.r.t. each matched G, Gbar = alpha S + beta G (cosine) or
+        2 (G - S) (Euclidean), pushed to g and U (gbar = Gbar U, Ubar = Gbar^T g); gbar carried
+        forward through backward 1's adjoint (the ReLU masks, each layer's forward without
+        bias) to the logits' softmax Jacobian; and the result carried back through the
+        forward's adjoint, each layer adding its Ubar, to the images."""
+        config = self.config
+        euclidean = config.distance == "euclidean"
+        cosine = not euclidean or bool(self.groups)
+        ops = self.chain
+        n = x.shape[0]
+
+        saved: list = []  # per op: layer (input shape, U or None), relu its output, flatten its input shape
+        h = x
+        for op in ops:
+            if op[0] == "layer":
+                layer = op[1]
+                weight, bias = self._weights(layer)
+                if layer.unfold is not None:
+                    saved.append((h.shape, _patches(h, layer.unfold) if layer.weight is not None else None))
+                    h = _conv(h, weight, bias, layer.unfold)
+                else:
+                    saved.append((h.shape, h))
+                    h = F.linear(h, weight, bias)
+            elif op[0] == "relu":
+                h = torch.relu(h)
+                saved.append(h)
+            else:
+                saved.append(h.shape)
+                h = h.flatten(1)
+        probs = torch.softmax(h, 1)
+
+        # Backward 1: every matched layer's output gradient g (summed loss = per-victim losses).
+        matched_at = [i for i, op in enumerate(ops)
+                      if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
+        delta = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+        deltas: dict[int, torch.Tensor] = {}
+        for i in range(len(ops) - 1, matched_at[0] - 1, -1):
+            op = ops[i]
+            if op[0] == "layer":
+                deltas[i] = delta
+                if i == matched_at[0]:
+                    break
+                weight, _ = self._weights(op[1])
+                if op[1].unfold is not None:
+                    delta = _conv_input_grad(delta, saved[i][0], weight, op[1].unfold, None)
+                else:
+                    delta = delta @ weight
+            elif op[0] == "relu":
+                delta = torch.ops.aten.threshold_backward(delta, saved[i], 0)
+            else:
+                delta = delta.reshape(saved[i])
+
+        # Per-layer terms.
+        dots: dict[str, torch.Tensor] = {}
+        norms: dict[str, torch.Tensor] = {}
+        diffs: dict[str, torch.Tensor] = {}
+        terms: dict[int, dict] = {}
+        for i in matched_at:
+            layer = ops[i][1]
+            if layer.unfold is not None:
+                g = deltas[i].flatten(2)
+                u = saved[i][1]
+            else:
+                g = deltas[i].unsqueeze(2)
+                u = saved[i][1].unsqueeze(2)
+            # now U (n, fan_in, P) and g (n, fan_out, P)
+            term = terms[i] = {"g": g, "u": u}
+            if layer.weight is not None:
+                shared = laid_out[layer.weight]
+                if layer.ghost:  # one position: G = g u^T
+                    g1, u1 = g.squeeze(2), u.squeeze(2)
+                    term["gg"], term["uu"] = g1.pow(2).sum(1), u1.pow(2).sum(1)
+                    norms[layer.weight] = term["gg"] * term["uu"]
+                    if len(shared) == 2:  # <g u^T, L R^T> = (L^T g) . (R^T u)
+                        left, right = shared
+                        term["from_g"] = (g1.unsqueeze(2) * left).sum(1)  # (n, r)
+                        term["from_u"] = (u1.unsqueeze(2) * right).sum(1)
+                        dots[layer.weight] = (term["from_g"] * term["from_u"]).sum(1)
+                    else:
+                        term["su"] = torch.bmm(shared[0], u).squeeze(2)  # S u (n, fan_out)
+                        dots[layer.weight] = (term["su"] * g1).sum(1)
+                else:
+                    grad_t = torch.bmm(u, g.transpose(1, 2))  # G^T (n, fan_in, fan_out)
+                    term["grad_t"] = grad_t
+                    flat = grad_t.view(n, -1)
+                    if euclidean:
+                        term["diff"] = grad_t - shared[0]
+                        diffs[layer.weight] = _squares(term["diff"].view(n, -1))
+                    if cosine:
+                        norms[layer.weight] = _squares(flat)
+                        dots[layer.weight] = torch.linalg.vecdot(flat, shared[0].view(n, -1))
+            if layer.bias is not None:
+                term["gb"] = g.sum(2)
+                self._materialised(layer.bias, term["gb"], laid_out[layer.bias][0], euclidean, cosine,
+                                   dots, norms, diffs)
+
+        if euclidean:
+            reconstruction = sum(diffs[name] for name in self.names)
+        else:
+            dot = sum(dots[name] for name in self.names)
+            norm_a = sum(norms[name] for name in self.names).sqrt()
+            norm_b = sum(squares[name] for name in self.names).sqrt()
+            den = norm_a * norm_b + 1e-12
+            reconstruction = 1 - dot / den
+            alpha = -1 / den  # d loss / d G = alpha S + beta G
+            beta = dot * norm_b / (norm_a * den * den)
+
+        # Each matched G's loss derivative, pushed to its layer's g and U.
+        matched = set(self.names)
+        gbars: dict[int, torch.Tensor] = {}
+        ubars: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # Ubar, or (A, B): Ubar = A B
+        for i in matched_at:
+            layer, term = ops[i][1], terms[i]
+            g, u = term["g"], term["u"]
+            gbar = ubar = None
+            if layer.weight in matched:
+                shared = laid_out[layer.weight]
+                if layer.ghost:
+                    g1, u1 = g.squeeze(2), u.squeeze(2)
+                    a, b = alpha.unsqueeze(1), beta.unsqueeze(1)
+                    if len(shared) == 2:
+                        left, right = shared
+                        su = (left * term["from_u"].unsqueeze(1)).sum(2)  # S u = L (R^T u)
+                        stg = (right * term["from_g"].unsqueeze(1)).sum(2)  # S^T g = R (L^T g)
+                    else:
+                        su = term["su"]
+                        stg = torch.bmm(g1.unsqueeze(1), shared[0]).squeeze(1)
+                    gbar = torch.addcmul(su * a, g1, (b * term["uu"].unsqueeze(1))).unsqueeze(2)
+                    ubar = torch.addcmul(stg * a, u1, (b * term["gg"].unsqueeze(1))).unsqueeze(2)
+                else:
+                    if euclidean:
+                        upstream = term["diff"].mul_(2)
+                    else:
+                        upstream = term["grad_t"].mul_(beta.view(-1, 1, 1)).addcmul_(shared[0], alpha.view(-1, 1, 1))
+                    gbar = torch.bmm(upstream.transpose(1, 2), u)  # (n, fan_out, P)
+                    ubar = (upstream, g)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
+            if layer.bias in matched:
+                sb = laid_out[layer.bias][0]
+                if euclidean:
+                    bias_bar = 2 * (term["gb"] - sb)
+                else:
+                    bias_bar = torch.addcmul(sb * alpha.unsqueeze(1), term["gb"], beta.unsqueeze(1))
+                gbar = bias_bar.unsqueeze(2).expand_as(g) if gbar is None else gbar + bias_bar.unsqueeze(2)
+            if gbar is not None:
+                gbars[i] = gbar.reshape(deltas[i].shape)
+            if ubar is not None:
+                ubars[i] = ubar
+
+        # Backward 1's adjoint: each gbar carried forward to the logits.
+        carry = None
+        for i in range(min(gbars), len(ops)) if gbars else ():
+            op = ops[i]
+            if op[0] == "layer":
+                if carry is not None:
+                    weight, _ = self._weights(op[1])
+                    if op[1].unfold is not None:
+                        carry = _conv(carry, weight, None, op[1].unfold)
+                    else:
+                        carry = F.linear(carry, weight)
+                own = gbars.get(i)
+                if own is not None:
+                    carry = own if carry is None else carry + own
+            elif op[0] == "relu":
+                carry = torch.ops.aten.threshold_backward(carry, saved[i], 0)
+            else:
+                carry = carry.flatten(1)
+        # ... through the softmax's (symmetric) Jacobian, then back through the forward to the images.
+        bar = probs * (carry - (probs * carry).sum(1, keepdim=True)) if carry is not None else torch.zeros_like(probs)
+        for i in range(len(ops) - 1, -1, -1):
+            op = ops[i]
+            if op[0] == "layer":
+                layer = op[1]
+                weight, _ = self._weights(layer)
+                shape = saved[i][0]
+                ubar = ubars.get(i)
+                if layer.unfold is not None:
+                    bar = _conv_input_grad(bar, shape, weight, layer.unfold, ubar)
+                else:
+                    bar = bar @ weight
+                    if ubar is not None:
+                        bar = bar.add_((ubar if isinstance(ubar, torch.Tensor) else torch.bmm(*ubar)).squeeze(2))
+            elif op[0] == "relu":
+                bar = torch.ops.aten.threshold_backward(bar, saved[i], 0)
+            else:
+                bar = bar.reshape(saved[i])
+        image_grads = bar
+
+        total = reconstruction
+        if config.tv_weight:
+            dx = x[..., :, 1:] - x[..., :, :-1]
+            dy = x[..., 1:, :] - x[..., :-1, :]
+            total = reconstruction + config.tv_weight * (dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1))
+            sx = dx.sign_().mul_(config.tv_weight / dx[0].numel())
+            sy = dy.sign_().mul_(config.tv_weight / dy[0].numel())
+            image_grads[..., :, 1:] += sx
+            image_grads[..., :, :-1] -= sx
+            image_grads[..., 1:, :] += sy
+            image_grads[..., :-1, :] -= sy
+        cosines = None
+        if self.groups:
+            cosines = torch.stack([
+                _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g), sum(squares[m] for m in g))
+                for g in self.groups.values()
+            ], dim=1)
+        return image_grads, total, cosines
 
     def _forward(self, layer: _Layer, captured: dict) -> Callable:
         """The layer's forward with the target's parameters; a matched layer leaves (its
@@ -393,9 +628,9 @@ class _MaterialisedTerms(torch.autograd.Function):
     def forward(ctx, u, g, shared_t):
         grad_t = torch.bmm(u, g.transpose(1, 2))
         n = grad_t.shape[0]
-        flat = grad_t.view(n, 1, -1)
-        dot = torch.bmm(flat, shared_t.reshape(n, -1, 1)).view(n)
-        norm = torch.bmm(flat, flat.transpose(1, 2)).view(n)
+        flat = grad_t.view(n, -1)
+        dot = torch.linalg.vecdot(flat, shared_t.reshape(n, -1))
+        norm = _squares(flat)
         ctx.save_for_backward(u, g, shared_t, grad_t)
         return dot, norm
 
@@ -427,29 +662,29 @@ def _low_rank(s: torch.Tensor, residual: float = 1e-6) -> tuple[torch.Tensor, to
     wide = m <= k
     rows = s if wide else s.transpose(1, 2)  # (n, short, long): a basis of the long side's space
     total = s.flatten(1).norm(dim=1)
-    remainder = rows.clone()
+    remainder = rows  # rows - C span^T for the factors so far (replaced, never written in place)
     basis: list[torch.Tensor] = []
+    alongs: list[torch.Tensor] = []
     victims = torch.arange(n, device=s.device)
-    for _ in range(max_rank):
+    while True:
         if bool((remainder.flatten(1).norm(dim=1) <= residual * total).all()):
             break
+        if len(basis) == max_rank:
+            return None
         vector = remainder[victims, remainder.norm(dim=2).argmax(1)]  # the largest remaining row
         for previous in basis:  # re-orthogonalise (modified Gram-Schmidt)
             vector = vector - (vector * previous).sum(1, keepdim=True) * previous
         vector = vector / vector.norm(dim=1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
         basis.append(vector)
         along = (remainder * vector.unsqueeze(1)).sum(2, keepdim=True)  # (element-wise: a batched
-        remainder.addcmul_(along, vector.unsqueeze(1), value=-1)  # matrix-vector product is slow on CPU)
+        remainder = torch.addcmul(remainder, along, vector.unsqueeze(1), value=-1)  # matrix-vector product is slow on CPU)
+        alongs.append(along)
+    # The residual checked is S minus the factors' product as computed: rows = C span^T + remainder.
     if not basis:  # every shared gradient is zero
         basis.append(torch.zeros_like(rows[:, 0]))
+        alongs.append(torch.zeros_like(rows[:, :, :1]))
     span = torch.stack(basis, dim=2)  # (n, long, r), orthonormal columns
-    coefficients = torch.stack([(rows * v.unsqueeze(1)).sum(2) for v in basis], dim=2)  # rows = C span^T
-    rebuilt = rows.clone()
-    for j, v in enumerate(basis):
-        rebuilt.addcmul_(coefficients[:, :, j : j + 1], v.unsqueeze(1), value=-1)
-    error = rebuilt.flatten(1).norm(dim=1)
-    if bool((error > residual * total).any()):
-        return None
+    coefficients = torch.cat(alongs, dim=2)  # (n, short, r)
     return (coefficients, span) if wide else (span, coefficients)
 
 
@@ -524,6 +759,141 @@ class _ConvThroughPatches(torch.autograd.Function):
         else:
             grad_u = torch.matmul(matrix.t(), grad)
         return None, grad_u, None, None, None
+
+
+def _chain_ops(net: nn.Module, factored: list[_Layer], shapes: dict, target) -> list[tuple] | None:
+    """The model as a flat list of ("layer", _Layer), ("relu",), ("flatten",) ops, when it is
+    nothing but Conv2d / Linear (on vectors) / ReLU / Flatten / Identity in Sequentials and empty
+    Slots, and that list reproduces the model's output; None otherwise (the autograd path)."""
+    by_module = {id(layer.module): layer for layer in factored}
+    ops: list[tuple] = []
+
+    def walk(module: nn.Module) -> bool:
+        kind = type(module)
+        if kind is nn.Sequential:
+            return all(walk(child) for child in module)
+        if kind is Slot:
+            return walk(module.body)
+        if kind in _FACTORED:
+            if id(module) not in by_module:
+                return False
+            ops.append(("layer", by_module[id(module)]))
+            return True
+        if kind is nn.ReLU:
+            ops.append(("relu",))
+            return True
+        if kind is nn.Flatten:
+            if module.start_dim != 1 or module.end_dim != -1:
+                return False
+            ops.append(("flatten",))
+            return True
+        return kind is nn.Identity
+
+    if not walk(net) or not any(op[0] == "layer" and (op[1].weight or op[1].bias) for op in ops):
+        return None
+    if len({id(op[1]) for op in ops if op[0] == "layer"}) != len(factored):
+        return None
+    state = {**target.params, **target.frozen}
+    try:
+        with torch.no_grad():
+            x = torch.rand((2, *target.input_shape), generator=torch.Generator().manual_seed(0)).to(target.device)
+            expected = functional_call(net, state, (x,))
+            h = x
+            for op in ops:
+                if op[0] == "layer":
+                    layer = op[1]
+                    prefix = f"{layer.name}." if layer.name else ""
+                    weight = state[f"{prefix}weight"]
+                    bias = state.get(f"{prefix}bias") if layer.module.bias is not None else None
+                    if layer.unfold is not None:
+                        if h.dim() != 4:
+                            return None
+                        args = layer.unfold
+                        h = F.conv2d(h, weight, bias, args["stride"], args["padding"], args["dilation"])
+                    else:
+                        if h.dim() != 2:
+                            return None
+                        h = F.linear(h, weight, bias)
+                elif op[0] == "relu":
+                    h = torch.relu(h)
+                else:
+                    h = h.flatten(1)
+    except Exception:  # noqa: BLE001 — anything odd: the autograd path handles it
+        return None
+    if h.dim() != 2 or h.shape != expected.shape or not torch.allclose(h, expected, rtol=1e-4, atol=1e-5):
+        return None
+    return ops
+
+
+def _covers(args: dict, size) -> bool:
+    """Whether the kernel covers an input of spatial `size` exactly once (one output position,
+    no padding, no dilation): the convolution is then a Linear on the flattened input."""
+    return (args["padding"] == (0, 0) and args["dilation"] == (1, 1) and tuple(size) == args["kernel_size"])
+
+
+def _conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args: dict) -> torch.Tensor:
+    if _covers(args, h.shape[-2:]):
+        return F.linear(h.flatten(1), weight.flatten(1), bias).view(h.shape[0], -1, 1, 1)
+    return F.conv2d(h, weight, bias, args["stride"], args["padding"], args["dilation"])
+
+
+def _conv_input_grad(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor, args: dict,
+                     cols: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The gradient w.r.t. a convolution's input of shape `shape` from its output gradient
+    `grad`, plus the fold of `cols` (n, fan_in, P), a gradient w.r.t. its unfolded input, or of
+    the batched product A B where `cols` is (A, B). Where the input has few channels (an image:
+    the library's transposed convolution is slow there, ~3 ms for the CNN's first layer at 128
+    victims on a 2-core CPU), as one fold of W^T grad + A B; else as the library's transposed
+    convolution plus the fold of A B."""
+    covers = _covers(args, shape[-2:])
+    if isinstance(cols, tuple) and (covers or weight.shape[1] >= 8):
+        cols = torch.bmm(*cols)
+    if covers:
+        out = grad.flatten(1) @ weight.flatten(1)
+        if cols is not None:
+            out = out.add_(cols.flatten(1))
+        return out.view(shape)
+    if weight.shape[1] < 8:  # (torch.matmul of a matrix and a batch would transpose and copy)
+        unfolded = torch.bmm(weight.flatten(1).t().expand(grad.shape[0], -1, -1), grad.flatten(2))
+        if isinstance(cols, tuple):
+            unfolded = unfolded.baddbmm_(*cols)
+        elif cols is not None:
+            unfolded = unfolded.add_(cols)
+        return _fold(unfolded, shape, args)
+    out = torch.nn.grad.conv2d_input(shape, weight, grad, args["stride"], args["padding"], args["dilation"])
+    if cols is not None:
+        out = out.add_(_fold(cols, shape, args))
+    return out
+
+
+def _fold(cols: torch.Tensor, shape: torch.Size, args: dict) -> torch.Tensor:
+    """F.fold(cols, shape[-2:], **args) (col2im): the sum of each kernel offset's strided slice,
+    k_h k_w element-wise adds that run on every thread (PyTorch's CPU col2im runs on one)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
+    n, channels, height, width = shape
+    if ph == 0 and pw == 0 and cols.shape[2] == 1 and height == dh * (kh - 1) + 1 and width == dw * (kw - 1) + 1:
+        if dh == 1 and dw == 1:  # the kernel covers the input once
+            return cols.reshape(shape)
+    if cols.device.type != "cpu":
+        return F.fold(cols, (height, width), **args)
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = cols.view(n, channels, kh, kw, out_h, out_w)
+    out = cols.new_zeros(n, channels, height + 2 * ph, width + 2 * pw)
+    for y in range(kh):
+        for x in range(kw):
+            top, left = y * dh, x * dw
+            rows, columns = slice(top, top + sh * (out_h - 1) + 1, sh), slice(left, left + sw * (out_w - 1) + 1, sw)
+            out[:, :, rows, columns] += cols[:, :, y, x]
+    if ph or pw:
+        out = out[:, :, ph : ph + height, pw : pw + width]
+    return out
+
+
+def _squares(flat: torch.Tensor) -> torch.Tensor:
+    """Row-wise sums of squares of a (n, k) tensor, in one pass (a batched matrix-vector
+    product, the obvious alternative, is several times slower on CPU)."""
+    return torch.linalg.vector_norm(flat, dim=1).square()
 
 
 def _cosine_from(dot: torch.Tensor, norm_sq: torch.Tensor, shared_sq: torch.Tensor) -> torch.Tensor:
