@@ -145,3 +145,15 @@ def test_train_profiles(capsys, tmp_path):
     code, out, _ = run(capsys, "train", "--profile", "paper", "--rounds", "1", "--seeds", "1", "--clients", "2",
                        "--out", str(tmp_path), "--json")
     assert code == 0 and json.loads(out)["profile"] == "paper" and json.loads(out)["rounds"] == 1
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    import gileak.runner
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gileak.runner.Runner, "run", interrupted)
+    code, _, err = run(capsys, "bench", "--datasets", "digits", "--out", str(tmp_path / "run"))
+    text = " ".join(err.split())
+    assert code == 130 and f"--out {tmp_path / 'run'}" in text and "Traceback" not in text

@@ -36,6 +36,7 @@ app.add_typer(data_cmd.app, name="data")
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     if not state.debug:
         _plain_warnings()
     state.exit_code = 0
+    state.run_dir = None
     err = Console(stderr=True)
     try:
-        app(args=args, prog_name="gileak", standalone_mode=False)
+        returned = app(args=args, prog_name="gileak", standalone_mode=False)
         code = state.exit_code
+        if returned == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130) and returns its code
+            raise KeyboardInterrupt
+        if isinstance(returned, int) and returned:
+            code = returned
     except UserInputError as e:
         if state.debug:
             raise
@@ -65,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]Error:[/] {e}", highlight=False)
         code = EXIT_RUN_FAILED
     except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/] Finished results are in the run directory; run the same command "
-                  "again to resume.")
-        code = 130
+        where = f" (--out {state.run_dir})" if state.run_dir else ""
+        err.print(f"[yellow]Interrupted.[/] Finished results are in the run directory{where}; run the same "
+                  f"command with that --out again to resume.", highlight=False)
+        code = EXIT_INTERRUPTED
     except Exception as e:  # the command-line parser's own usage errors, exits and aborts
         code = _parser_exit_code(e)
         if code is None:

@@ -100,6 +100,7 @@ def bench(
         return
     the_plan = plan(bench_spec)
     run_dir = bench_spec.out or _default_out()
+    state.run_dir = run_dir
     runner = Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
                     ray_address=ray_address)
     console.print(

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 class State:
     debug: bool = False
     exit_code: int = 0
+    #: The run directory of a bench in progress (for the message when it is interrupted).
+    run_dir: object = None
 
 
 state = State()
