@@ -58,10 +58,6 @@ class Plan:
     def rows_expected(self) -> int:
         return len({(c.dataset.label, c.model.label, c.defense.label) for c in self.cells}) * len(self.spec.attacks)
 
-    def work_units(self) -> int:
-        """Progress units: one per training round and one per attack iteration."""
-        return sum(self.spec.rounds + len(c.attacks) * self.spec.iterations for c in self.cells)
-
 
 def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -> Resolved:
     """Instantiate a component. A dataset that takes a `root` parameter gets `data_root` (the
@@ -414,6 +410,8 @@ class Runner:
         self.store.check_budget({k: getattr(self.spec, k) for k in BUDGET_FIELDS})
         self.resume = ResumeInfo()
         self.todo = self._todo()
+        groups = dict.fromkeys((c.dataset.label, c.model.label, c.defense.label) for c in plan.cells)
+        self._groups = {group: i for i, group in enumerate(groups)}
 
     def _todo(self) -> list[tuple[int, list[Resolved]]]:
         """(cell index, attacks still to run) for every cell with something missing. Stored
@@ -462,7 +460,7 @@ class Runner:
                 else:
                     self._run_local(lpips_available)
         finally:
-            self.write_victims_log()
+            write_victims_log(self.store, self.out / "victims.jsonl")
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return build_result(self.store, self._planned_keys(), self.out, traces=self.traces)
 
@@ -519,18 +517,14 @@ class Runner:
         ))
 
     def _group_position(self, cell: TrainingCell) -> int:
-        groups = list(dict.fromkeys((c.dataset.label, c.model.label, c.defense.label) for c in self.plan.cells))
-        return groups.index((cell.dataset.label, cell.model.label, cell.defense.label))
+        return self._groups[(cell.dataset.label, cell.model.label, cell.defense.label)]
 
     def _planned_keys(self) -> set[tuple[str, str]]:
         return {(cell_id(c), attack_id(a)) for c in self.plan.cells for a in c.attacks}
 
-    def write_victims_log(self) -> None:
-        """victims.jsonl, rebuilt from the store (so a resumed run never lists a victim twice)."""
-        write_victims_log(self.store, self.out / "victims.jsonl")
-
 
 def write_victims_log(store, path: Path) -> None:
+    """victims.jsonl, rebuilt from the store (so a resumed run never lists a victim twice)."""
     lines = []
     for r in store.results():
         for v in r.victims:

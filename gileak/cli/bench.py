@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gileak.cli import completion
+from gileak.cli.state import console as cli_console
 from gileak.cli.state import state
 
 
@@ -21,16 +22,6 @@ def _default_out() -> Path:
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
-
-
-def _console() -> Console:
-    """A terminal gets its own width; a pipe or a log file gets a wide table, not an 80-column squeeze."""
-    import os
-    import sys
-
-    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
-        return Console()
-    return Console(width=180)
 
 
 def bench(
@@ -94,7 +85,7 @@ def bench(
     for path in bench_spec.exports:
         if path.suffix.lower() not in (".md", ".csv", ".json"):
             raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
-    console = _console()
+    console = cli_console()
     if dry_run:
         _dry_run(bench_spec, console)
         return
