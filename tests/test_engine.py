@@ -11,11 +11,12 @@ from gileak.nets import forward_order
 from gileak.threat import Target, shared_gradients
 
 
-def test_per_victim_adam_matches_torch_adam_and_respects_the_mask():
+@pytest.mark.parametrize("fused", [True, False])
+def test_per_victim_adam_matches_torch_adam_and_respects_the_mask(fused):
     torch.manual_seed(0)
     start = torch.randn(3, 5)
-    lrs = torch.tensor([0.1, 0.5, 0.01])
-    adam = PerVictimAdam(lrs.clone())
+    lrs = torch.tensor([0.1, 0.5, 0.1])  # victims 0 and 2 share a learning rate (one fused call)
+    adam = PerVictimAdam(lrs.clone(), fused=fused)
     ours = start.clone()
     references = [start[i].clone().requires_grad_(True) for i in range(3)]
     optimizers = [torch.optim.Adam([references[i]], lr=float(lrs[i])) for i in range(3)]
@@ -86,11 +87,20 @@ def test_a_victim_attacked_in_a_batch_matches_it_attacked_alone(small_target):
     assert together.final_loss[1] == pytest.approx(alone.final_loss[0], rel=1e-4)
 
 
+def assert_same_trajectory(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4, flips: float = 1e-3) -> None:
+    """Reconstructions of two engines agree to `atol`, except at most a `flips` share of pixels:
+    engines sum in different orders, and the signed update (Adam of the gradient's sign, as the
+    paper's code does) turns a last-bit difference in a near-zero gradient component into a
+    full learning-rate step for that pixel."""
+    off = (a - b).abs() > atol
+    assert off.float().mean() <= flips, f"{int(off.sum())} of {off.numel()} pixels differ by more than {atol}"
+
+
 def test_vectorized_engine_matches_the_per_victim_loop(small_target):
     net, gradients, labels = small_target
     batched = _attack(net, gradients, labels, [0, 1, 2], seeds=[1, 2, 3])
     looped = _attack(net, gradients, labels, [0, 1, 2], seeds=[1, 2, 3], vectorized=False)
-    torch.testing.assert_close(batched.images, looped.images, atol=1e-4, rtol=0)
+    assert_same_trajectory(batched.images, looped.images)
 
 
 def test_matching_the_true_gradient_makes_progress(small_target):
@@ -161,8 +171,9 @@ def test_factored_engine_matches_vmap_and_the_per_victim_loop(small_target):
         config = MatchingConfig(lr=0.1, minmax=False, **engine)
         results[name] = gradient_matching(target, config, seeds=[1, 2, 3], max_iterations=25, labels=labels)
     for other in ("vmap", "loop"):
-        torch.testing.assert_close(results["factored"].images, results[other].images, atol=1e-4, rtol=0)
-        assert results["factored"].final_loss == pytest.approx(results[other].final_loss, rel=1e-4)
+        assert_same_trajectory(results["factored"].images, results[other].images)
+        # a flipped pixel moves the cosine distance (in [0, 2]) by up to ~1e-3
+        assert results["factored"].final_loss == pytest.approx(results[other].final_loss, rel=1e-4, abs=1e-3)
 
 
 @pytest.mark.parametrize("defense", ["cvb", "precode"])

@@ -234,9 +234,10 @@ def gradient_matching(
         # The loss is of the current images: remember the best before stepping away from them.
         lr_next, improved, still_active = schedule.update(losses, adam.lr, active)
         best_images = torch.where(improved.view(-1, 1, 1, 1), images, best_images)
+        image_grads = image_grads.detach()
         if config.signed:
             image_grads = image_grads.sign()
-        images = adam.step(images, image_grads.detach(), active).clamp(low, high)
+        images = adam.step(images, image_grads.contiguous(), active).clamp_(low, high)
         adam.lr = lr_next
         iterations = iterations + active.long()
         active = still_active
