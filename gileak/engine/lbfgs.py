@@ -1,14 +1,15 @@
 """The L-BFGS family (DLG, iDLG, CPL): Euclidean gradient matching with L-BFGS.
 
-Each victim is solved by L-BFGS exactly as `torch.optim.LBFGS(max_iter=1, history_size=history,
-line_search_fn="strong_wolfe" or None)` would solve it alone, one `step` per iteration, but all
-victims at once (`LBFGSConfig.vectorized`, the default): the per-victim losses and gradients of
-every round come from ONE batched call of the engine IG uses (the factored fast path of
-`gileak.engine.fast` where the model allows it and the labels are fixed, else chunked
-`vmap(grad_and_value(...), randomness="different")`), and the L-BFGS bookkeeping — curvature
-pairs in a per-victim ring buffer, the two-loop recursion, the step length, the line search —
-runs as tensor operations over the victims, each victim keeping its own history, step and
-stopping. `vectorized=False` is the reference: a plain loop of torch.optim.LBFGS per victim.
+Each victim is solved by L-BFGS exactly as `torch.optim.LBFGS(max_iter=1, max_eval=1 +
+line_search_evals, history_size=history, line_search_fn="strong_wolfe" or None)` would solve it
+alone, one `step` per iteration, but all victims at once (`LBFGSConfig.vectorized`, the
+default): the per-victim losses and gradients of every round come from ONE batched call of the
+engine IG uses (the factored fast path of `gileak.engine.fast` where the model allows it and the
+labels are fixed, else chunked `vmap(grad_and_value(...), randomness="different")`), and the
+L-BFGS bookkeeping — curvature pairs in a per-victim ring buffer, the two-loop recursion, the
+step length — runs as tensor operations over the victims, each victim keeping its own history,
+step and stopping. `vectorized=False` is the reference: a plain loop of torch.optim.LBFGS per
+victim.
 
 What `torch.optim.LBFGS.step` does with max_iter=1 (torch 2.x, `torch/optim/lbfgs.py`):
 
@@ -17,23 +18,41 @@ What `torch.optim.LBFGS.step` does with max_iter=1 (torch 2.x, `torch/optim/lbfg
   the pair (y, s, 1/ys) is stored when ys > 1e-10 (FIFO of `history`) and H_diag = ys / yy, then
   d = the two-loop recursion on -g, t = lr;
 * stop there (t and d kept) when g.d > -tolerance_change (1e-9);
-* line search: max_eval defaults to max_iter * 5 // 4 = 1, so `_strong_wolfe` gets max_ls =
-  max_eval - 1 = 0: it evaluates the trial point x + t d once, finds its bracketing loop and
-  its zoom loop both empty and returns the lower of [f(x), f(x + t d)] — t if f(x + t d) < f(x)
-  (or is NaN), else 0 (x + 0 d). That is the whole search: one extra evaluation per iteration;
+* line search: `_strong_wolfe(..., max_ls=max_eval - 1)` (the 1: the evaluation at x) from t:
+  a bracketing phase (extrapolating by `_cubic_interpolate` within [1.01 t, 10 t] until the
+  Armijo condition fails, the loss stops falling, the strong curvature condition holds or g.d
+  turns >= 0), then a zoom phase (cubic interpolation in the bracket, pushed 0.1 of its width
+  from an end after insufficient progress, until the Wolfe conditions hold or the bracket is
+  below tolerance_change / max|d|), both ending after max_ls trial evaluations; it returns the
+  bracket's low point t (0 when no trial point was better: x + 0 d) with its f and g, and x
+  becomes x + t d;
 * without line search: x += t d and no evaluation (max_iter = 1 is the last iteration).
 
-For a deterministic model the gradient at the trial point is the one the next `step` starts
-from (x + t d is the same float operation both times), and a rejected step (t = 0) leaves x
-where it was; so the batched solver evaluates each victim ONCE per iteration and reuses that
-evaluation where torch evaluates twice. For the same reason a victim that does not move — max|g| <=
-1e-7 or g.d > -1e-9 at any step, or its step rejected at any step but its first (whose t is
-at most lr) — would repeat that step unchanged until the end: it is held there, its
-iterations counted, without evaluations. A model with stochastic modules in training mode (a
-variational bottleneck, dropout) is evaluated afresh at x every iteration, as torch does; its
-victims draw independent noise (vmap randomness="different"), so there the results follow the
-reference only in distribution. Victims attacked together or alone get the same result (up to
-float summation order) with a deterministic model: nothing couples them."""
+History: torch's max_eval defaults to max_iter * 5 // 4, which is 1 for max_iter = 1, so the
+search got max_ls = 0 — one trial evaluation, t kept if f(x + t d) < f(x) else t = 0, and a
+victim whose step was rejected after its first never moved again (every paper-CNN victim
+within a few iterations): the attacks were under-powered. We pass max_eval = 1 +
+`line_search_evals` (default 25, `_strong_wolfe`'s own max_ls default); line_search_evals=0
+reproduces the old behaviour.
+
+The batched search runs each victim's `_strong_wolfe` — ported statement for statement, on
+torch's types — as a generator, in lockstep: every round, each victim still searching yields
+its trial t, ONE engine call evaluates all those victims' trial points x + t d, and each
+generator takes its (f, g, g.d) and yields its next t or returns (f, g, t, evaluations).
+For a deterministic model the search's f and g at its final point are the ones the next `step`
+starts from (torch evaluates there again: x + t d is the same float operation, trial and
+final), so the batched solver evaluates each victim once at its start and then only at trial
+points. A deterministic victim that does not move — max|g| <= 1e-7 or g.d > -1e-9 at any step,
+or a search that leaves x where it was at any step but its first (whose t is min(1, 1/|g|_1)
+lr, the next ones' lr) — would repeat that step unchanged until the end (no pair stored, the
+same d and the same search): it is held there, its iterations counted, without evaluations. A
+model with stochastic modules in training mode (a variational bottleneck, dropout) is evaluated
+afresh at x every iteration, as torch does; its victims draw independent noise (vmap
+randomness="different"), so there the results follow the reference only in distribution.
+Victims attacked together or alone get the same result up to float summation order with a
+deterministic model: nothing couples them — but the search's cubic interpolation, on a nearly
+linear stretch, amplifies a 1-ulp difference of the loss (a batch of 2 vs 1 in a matmul) to
+~1e-5 in t — so do the batched engines against the reference loop."""
 
 from __future__ import annotations
 
@@ -45,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.optim.lbfgs import _cubic_interpolate
 
 from gileak.base import Reconstruction
 from gileak.engine.matching import (MatchingConfig, factored_engine, initial_images, make_victim_loss, minmax_scale,
@@ -60,8 +80,14 @@ TOLERANCE_CHANGE = 1e-9
 HISTORY_MEMORY = 2 * 1024**3
 
 #: What the last batched run did, for tests and benchmarks: engine ("factored" or "vmap"),
-#: evaluations (victim-evaluations of loss and gradient), iterations (victim-iterations run),
-#: calls (batched engine calls), groups.
+#: evaluations (victim-evaluations of loss and gradient, all of them), iterations
+#: (victim-iterations, held ones included: the reference's count), stepped (victim-iterations
+#: actually computed, held ones excluded), calls (batched engine calls), groups, reused (a
+#: deterministic model: the search's last evaluation starts the next step); of the line search:
+#: searches (victim line searches run), search_evaluations (their evaluations, the trial points),
+#: zoom_evaluations (those made in the zoom phase), long_searches (searches of more than 2
+#: evaluations), longest_search (most evaluations in one search); moves (victim-iterations in
+#: which x changed).
 last_run: dict = {}
 
 
@@ -71,6 +97,10 @@ class LBFGSConfig:
     lr: float = 1.0
     history: int = 100
     line_search: bool = True  # strong-Wolfe line search; DLG's original takes plain lr=1 steps
+    #: The line search's budget: torch's `_strong_wolfe` max_ls (its own default, 25), given to
+    #: torch.optim.LBFGS as max_eval = 1 + line_search_evals. 0 reproduces torch's max_iter=1
+    #: default (max_eval = 1): one trial evaluation per iteration and no search at all.
+    line_search_evals: int = 25
     keep: tuple[str, ...] | None = None
     optimise_labels: bool = False  # DLG: dummy label logits optimised jointly with the image
     label_weight: float = 0.0  # CPL: weight of ||softmax(F(x')) - onehot(y)||^2
@@ -96,6 +126,8 @@ def lbfgs_matching(
         raise ValueError(f"{len(seeds)} seeds for {target.num_victims} victims")
     if labels is None and not config.optimise_labels:
         raise ValueError("labels are needed unless they are optimised")
+    if config.line_search_evals < 0:
+        raise ValueError("line_search_evals must be at least 0")
     if config.vectorized:
         return _lbfgs_batched(target, config, seeds=seeds, max_iterations=max_iterations, labels=labels,
                               progress=progress)
@@ -134,7 +166,9 @@ def _lbfgs_loop(
             generator = torch.Generator().manual_seed(int(seed) + 1)
             label_logits = torch.randn(target.num_classes, generator=generator).to(device).requires_grad_(True)
             variables.append(label_logits)
-        optimizer = torch.optim.LBFGS(variables, lr=config.lr, max_iter=1, history_size=config.history,
+        # max_eval - 1 (the evaluation at x, done before the search) is the search's max_ls
+        optimizer = torch.optim.LBFGS(variables, lr=config.lr, max_iter=1, max_eval=1 + config.line_search_evals,
+                                      history_size=config.history,
                                       line_search_fn="strong_wolfe" if config.line_search else None)
 
         def current_label():
@@ -194,6 +228,100 @@ def _stochastic(net: nn.Module) -> bool:
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products of two (n, D) tensors."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _strong_wolfe(t, f: float, g: torch.Tensor, gtd: torch.Tensor, d_norm: torch.Tensor, max_ls: int,
+                  c1: float = 1e-4, c2: float = 0.9, tolerance_change: float = TOLERANCE_CHANGE):
+    """torch's `_strong_wolfe` (torch/optim/lbfgs.py) for ONE victim, as a generator: it yields
+    each trial step t and is sent back (f_new, g_new, gtd_new) — the loss (a Python float, as
+    torch's `float(closure())`), the flat gradient and g_new.d (a 0-d tensor) at x + t d — so a
+    driver can evaluate every victim's trial point in one batched call. Statement for
+    statement torch's code, on the same types (f Python floats, t a Python number or a 0-d
+    tensor, gtd 0-d tensors), with torch's `_cubic_interpolate`; d enters only through
+    d_norm = max|d| (the evaluations are the driver's). Returns (f_new, g_new, t,
+    ls_func_evals, zoom_evals) — torch's four, and how many evaluations the zoom phase made."""
+    f_new, g_new, gtd_new = yield t
+    ls_func_evals = 1
+    zoom_evals = 0
+
+    # bracket an interval containing a point satisfying the Wolfe criteria
+    t_prev, f_prev, g_prev, gtd_prev = 0, f, g, gtd
+    done = False
+    ls_iter = 0
+    while ls_iter < max_ls:
+        if f_new > (f + c1 * t * gtd) or (ls_iter > 1 and f_new >= f_prev):
+            bracket, bracket_f, bracket_g = [t_prev, t], [f_prev, f_new], [g_prev, g_new]
+            bracket_gtd = [gtd_prev, gtd_new]
+            break
+        if abs(gtd_new) <= -c2 * gtd:
+            bracket, bracket_f, bracket_g = [t], [f_new], [g_new]
+            done = True
+            break
+        if gtd_new >= 0:
+            bracket, bracket_f, bracket_g = [t_prev, t], [f_prev, f_new], [g_prev, g_new]
+            bracket_gtd = [gtd_prev, gtd_new]
+            break
+        # interpolate
+        min_step = t + 0.01 * (t - t_prev)
+        max_step = t * 10
+        tmp = t
+        t = _cubic_interpolate(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, bounds=(min_step, max_step))
+        # next step
+        t_prev, f_prev, g_prev, gtd_prev = tmp, f_new, g_new, gtd_new
+        f_new, g_new, gtd_new = yield t
+        ls_func_evals += 1
+        ls_iter += 1
+
+    # reached max number of iterations?
+    if ls_iter == max_ls:
+        bracket, bracket_f, bracket_g = [0, t], [f, f_new], [g, g_new]
+
+    # zoom phase
+    insuf_progress = False
+    low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[-1] else (1, 0)
+    while not done and ls_iter < max_ls:
+        # line-search bracket is so small
+        if abs(bracket[1] - bracket[0]) * d_norm < tolerance_change:
+            break
+        # compute new trial value
+        t = _cubic_interpolate(bracket[0], bracket_f[0], bracket_gtd[0], bracket[1], bracket_f[1], bracket_gtd[1])
+        # insufficient progress: t close to a boundary twice in a row, or at it
+        eps = 0.1 * (max(bracket) - min(bracket))
+        if min(max(bracket) - t, t - min(bracket)) < eps:
+            if insuf_progress or t >= max(bracket) or t <= min(bracket):
+                if abs(t - max(bracket)) < abs(t - min(bracket)):
+                    t = max(bracket) - eps
+                else:
+                    t = min(bracket) + eps
+                insuf_progress = False
+            else:
+                insuf_progress = True
+        else:
+            insuf_progress = False
+
+        # evaluate new point
+        f_new, g_new, gtd_new = yield t
+        ls_func_evals += 1
+        zoom_evals += 1
+        ls_iter += 1
+
+        if f_new > (f + c1 * t * gtd) or f_new >= bracket_f[low_pos]:
+            # Armijo condition not satisfied or not lower than lowest point
+            bracket[high_pos], bracket_f[high_pos] = t, f_new
+            bracket_g[high_pos], bracket_gtd[high_pos] = g_new, gtd_new
+            low_pos, high_pos = (0, 1) if bracket_f[0] <= bracket_f[1] else (1, 0)
+        else:
+            if abs(gtd_new) <= -c2 * gtd:
+                done = True  # Wolfe conditions satisfied
+            elif gtd_new * (bracket[high_pos] - bracket[low_pos]) >= 0:
+                # old high becomes new low
+                bracket[high_pos], bracket_f[high_pos] = bracket[low_pos], bracket_f[low_pos]
+                bracket_g[high_pos], bracket_gtd[high_pos] = bracket_g[low_pos], bracket_gtd[low_pos]
+            # new point becomes new low
+            bracket[low_pos], bracket_f[low_pos] = t, f_new
+            bracket_g[low_pos], bracket_gtd[low_pos] = g_new, gtd_new
+
+    return bracket_f[low_pos], bracket_g[low_pos], bracket[low_pos], ls_func_evals, zoom_evals
 
 
 class _Evaluator:
@@ -332,6 +460,49 @@ class _History:
         return r
 
 
+def _line_search(evaluate: _Evaluator, x: torch.Tensor, d: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+                 gtd: torch.Tensor, rows: list[int], starts: list, max_ls: int, stats: dict):
+    """torch's strong-Wolfe line search for the victims `rows` of the group, in lockstep: each
+    round, every victim still searching gives its trial step t, ONE batched engine call
+    evaluates all their trial points x + t d (and one batched product their g_new.d), and each
+    victim's `_strong_wolfe` generator takes its values and gives its next t or its result.
+    Returns the victims' final t, f and g (float32 (n,), (n,), (n, D))."""
+    d_norm = d.abs().amax(1)
+    losses_at_x = f.tolist()
+    searches, trials, results = {}, {}, {}
+    for k, t in zip(rows, starts):
+        searches[k] = _strong_wolfe(t, losses_at_x[k], g[k], gtd[k], d_norm[k], max_ls)
+        trials[k] = next(searches[k])
+    count = x.shape[0]
+    while trials:
+        pending = list(trials)  # in row order
+        index = torch.tensor(pending, dtype=torch.long, device=x.device)
+        steps = torch.zeros(count, dtype=x.dtype, device=x.device)
+        steps[index] = torch.tensor([float(trials[k]) for k in pending], dtype=x.dtype, device=x.device)
+        # torch: p.add_(d, alpha=t), t cast to float32; _solve_group forms the final x by this same expression
+        points = x + steps.unsqueeze(1) * d
+        losses, grads = evaluate(points, None if len(pending) == count else index)
+        gtd_new = _dot(grads, d[index])
+        values = zip(losses.tolist(), grads.unbind(0), gtd_new.unbind(0))
+        trials = {}
+        for k, value in zip(pending, values):
+            try:
+                trials[k] = searches[k].send(value)
+            except StopIteration as end:
+                results[k] = end.value
+    stats["searches"] += len(rows)
+    for k in rows:
+        evaluations, zoom = results[k][3], results[k][4]
+        stats["search_evaluations"] += evaluations
+        stats["zoom_evaluations"] += zoom
+        stats["long_searches"] += evaluations > 2
+        stats["longest_search"] = max(stats["longest_search"], evaluations)
+    found_t = torch.tensor([float(results[k][2]) for k in rows], dtype=x.dtype, device=x.device)
+    found_f = torch.tensor([results[k][0] for k in rows], dtype=f.dtype, device=x.device)
+    found_g = torch.stack([results[k][1] for k in rows])
+    return found_t, found_f, found_g
+
+
 def _lbfgs_batched(
     target: Target,
     config: LBFGSConfig,
@@ -350,7 +521,10 @@ def _lbfgs_batched(
     pixels = evaluate.pixels
     dim = pixels + (target.num_classes if config.optimise_labels else 0)
     size = max(1, min(config.history, max_iterations - 1))  # no victim stores more pairs than that
-    per_victim = 2 * size * dim * 4 + 16 * dim * 4
+    # the pairs, the solver's (n, D) tensors, and the line search's gradient rows: up to one
+    # per round kept alive (a row is a view of its round's batched gradients)
+    searched = config.line_search_evals + 2 if config.line_search else 0
+    per_victim = (2 * size + 16 + searched) * dim * 4
     group_size = max(1, min(num_victims, HISTORY_MEMORY // per_victim))
     groups = [list(range(start, min(start + group_size, num_victims))) for start in range(0, num_victims, group_size)]
     stochastic = _stochastic(target.net)
@@ -359,6 +533,8 @@ def _lbfgs_batched(
 
     images, found, iterations, best_losses = [], [], [], []
     reported = 0
+    stats = dict(stepped=0, searches=0, search_evaluations=0, zoom_evaluations=0, long_searches=0,
+                 longest_search=0, moves=0)
     for number, members in enumerate(groups):
         ids = torch.tensor(members, dtype=torch.long, device=device)
         evaluate.group(ids)
@@ -374,14 +550,14 @@ def _lbfgs_batched(
                 reported = share
 
         result = _solve_group(evaluate, config, [seeds[i] for i in members], max_iterations, size, stochastic,
-                              target, report)
+                              target, report, stats)
         images.append(result[0])
         found.append(result[1])
         iterations += result[2]
         best_losses += result[3]
     last_run.clear()
     last_run.update(engine=evaluate.engine, evaluations=evaluate.evaluations, calls=evaluate.calls,
-                    iterations=sum(iterations), groups=len(groups), reused=not stochastic)
+                    iterations=sum(iterations), groups=len(groups), reused=not stochastic, **stats)
 
     final = torch.cat(images)
     final = minmax_scale(final) if config.minmax else final.clamp(*target.pixel_range)
@@ -391,7 +567,7 @@ def _lbfgs_batched(
 
 
 def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], max_iterations: int, size: int,
-                 stochastic: bool, target: Target, report: Callable[[int], None]):
+                 stochastic: bool, target: Target, report: Callable[[int], None], stats: dict):
     device = target.device
     count = len(seeds)
     pixels = evaluate.pixels
@@ -422,6 +598,7 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
     for iteration in range(max_iterations):
         if not bool(active.any()):
             break
+        stats["stepped"] += int(active.sum())
         # f(x), g(x) where they are not known yet (torch's closure at the start of `step`)
         need = active & ~fresh
         if bool(need.any()):
@@ -460,37 +637,42 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
         step = proceed & ~(gtd > -TOLERANCE_CHANGE)
 
         x_new = x
-        reject = torch.zeros_like(step)
+        moved = torch.zeros_like(step)
         if bool(step.any()):
-            index = None if bool(step.all()) else step.nonzero().squeeze(1)
-            trial = x + t.unsqueeze(1) * d
             if config.line_search:
-                # _strong_wolfe with max_ls = 0: one evaluation, keep the lower of f(x), f(x + t d)
-                losses, grads = evaluate(trial, index)
-                f_new = losses if index is None else torch.zeros_like(f).index_copy(0, index, losses)
-                accept = step & ~(f <= f_new)
-                reject = step & ~accept
-                t = torch.where(reject, torch.zeros_like(t), t)
-                x_new = torch.where(accept.unsqueeze(1), trial, x)
-                if bool(reject.any()):  # x + 0 d: x itself unless d is not finite
-                    x_new = torch.where(reject.unsqueeze(1), x + 0.0 * d, x_new)
-                if not stochastic:  # the next step starts where the trial was (accepted) or where x was
-                    g_new = grads if index is None else torch.zeros_like(g).index_copy(0, index, grads)
-                    f = torch.where(accept, f_new, f)
-                    g = torch.where(accept.unsqueeze(1), g_new, g)
+                # torch's _strong_wolfe per victim, all victims' trial points in one call a round
+                rows = step.nonzero().squeeze(1).tolist()
+                firsts = first.tolist()
+                small = (inverse < 1.0).tolist()  # torch: min(1.0, 1 / |g|_1) * lr, a tensor or a float
+                starts = [start[k] if firsts[k] and small[k] else 1.0 * lr for k in rows]
+                found_t, found_f, found_g = _line_search(evaluate, x, d, f, g, gtd, rows, starts,
+                                                         config.line_search_evals, stats)
+                index = torch.tensor(rows, dtype=torch.long, device=device)
+                t = t.index_copy(0, index, found_t)
+                # the same float operation as the trial points' (x + 0 d where the search kept x)
+                x_new = torch.where(step.unsqueeze(1), x + t.unsqueeze(1) * d, x)
+                if not stochastic:  # the next step starts where the search ended: its f and g
+                    f = f.index_copy(0, index, found_f)
+                    g = g.index_copy(0, index, found_g)
             else:
-                x_new = torch.where(step.unsqueeze(1), trial, x)
+                x_new = torch.where(step.unsqueeze(1), x + t.unsqueeze(1) * d, x)
                 fresh = fresh & ~step
+            moved = step & (x_new != x).any(1)
+            stats["moves"] += int(moved.sum())
         if stochastic:
             fresh = fresh & ~active  # a stochastic model is evaluated afresh every step, as torch does
             hold = torch.zeros_like(active)
         else:
-            # A deterministic victim that did not move this step — max|g| <= tolerance_grad (no
-            # state change), g.d > -tolerance_change (the next step stores no pair, y = 0, and
-            # finds the same d), or a line search that kept x on a step after the first (the
-            # next one stores no pair, s = 0, and tries the same x + lr d again) — repeats this
-            # step, loss and all, until max_iterations: it is held there without evaluations.
-            hold = active & (optimal | (proceed & ~step) | (later & reject))
+            # A deterministic victim that did not move this step repeats it, loss and all, until
+            # max_iterations — torch would evaluate the same x again, find the same g and:
+            # max|g| <= tolerance_grad: return with no state change; g.d > -tolerance_change:
+            # store no pair (y = 0) and find the same d; a line search that left x where it
+            # was (t = 0, or x + t d == x) on a step after the first: store no pair (y = 0),
+            # find the same d from the same history and H_diag, start from the same t = lr
+            # and so run the same search to the same end. It is held there without
+            # evaluations. (A first step's search starts from t = min(1, 1/|g|_1) lr, the next
+            # from lr: a victim that did not move on its first step is not held.)
+            hold = active & (optimal | (proceed & ~step) | (later & step & ~moved))
 
         # --- the reference loop's bookkeeping: best point, stopping
         done = done + active.long()
