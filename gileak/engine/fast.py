@@ -416,7 +416,8 @@ class FactoredMatching:
                         diffs[layer.weight] = _squares(term["diff"].view(n, -1))
                     if cosine:
                         norms[layer.weight] = _squares(flat)
-                        dots[layer.weight] = torch.linalg.vecdot(flat, shared[0].view(n, -1))
+                        product = torch.mul(flat, shared[0].view(n, -1), out=self._buffer(("product", i), flat)(flat.shape))
+                        dots[layer.weight] = product.sum(1)
             if layer.bias is not None:
                 term["gb"] = g.sum(2)
                 self._materialised(layer.bias, term["gb"], laid_out[layer.bias][0], euclidean, cosine,
@@ -892,10 +893,20 @@ def _conv_input_grad(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor
         elif cols is not None:
             unfolded = unfolded.add_(cols)
         return _fold(unfolded, shape, args)
-    out = torch.nn.grad.conv2d_input(shape, weight, grad, args["stride"], args["padding"], args["dilation"])
+    out = _transposed_conv(grad, shape, weight, args)
     if cols is not None:
         out = out.add_(_fold(cols, shape, args))
     return out
+
+
+def _transposed_conv(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor, args: dict) -> torch.Tensor:
+    """The convolution's input gradient, conv2d_input(shape, weight, grad): as a transposed
+    convolution, which needs no input tensor (conv2d_input hands the library an expanded one
+    that it copies whole, ~0.6 ms a call for the CNN's second layer at 128 victims)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
+    rows = (grad.shape[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1
+    columns = (grad.shape[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1
+    return F.conv_transpose2d(grad, weight, None, (sh, sw), (ph, pw), (shape[2] - rows, shape[3] - columns), 1, (dh, dw))
 
 
 def _fold(cols: torch.Tensor, shape: torch.Size, args: dict) -> torch.Tensor:

@@ -49,8 +49,15 @@ class PerVictimAdam:
         return params.copy_(torch.where(mask, params - step_size * self.exp_avg / denom, params))
 
     def _fused_step(self, params: torch.Tensor, grads: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        groups: dict[float, list[int]] = {}
         lrs = self.lr.tolist()
+        if bool(active.all()) and min(lrs) == max(lrs) and bool((self.steps == self.steps[0]).all()):
+            # every victim in step with one learning rate (the common case): one call for the batch
+            self.steps += 1
+            torch._fused_adam_([params], [grads], [self.exp_avg], [self.exp_avg_sq], [], [self.steps[0]],
+                               lr=lrs[0], beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
+                               amsgrad=False, maximize=False)
+            return params
+        groups: dict[float, list[int]] = {}
         for i in active.nonzero().squeeze(1).tolist():
             groups.setdefault(lrs[i], []).append(i)
         views = params.unbind(0), grads.unbind(0), self.exp_avg.unbind(0), self.exp_avg_sq.unbind(0)
