@@ -6,7 +6,12 @@ and the useful FLOP/s — the FLOPs of one victim's attack step in the original 
 as a share of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
 
 Usage: python benchmarks/attack_throughput.py [--models cnn] [--victims 1,8,32,128] [--iterations 20]
-       [--repeats 3] [--device auto]
+       [--repeats 3] [--attacks ig,idlg] [--device auto]
+
+`--attacks idlg` adds the L-BFGS family (dlg, idlg and cpl share its solver): victim-iterations/s
+of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed on up to 4 victims over
+the same iterations, once: the loop's rate does not depend on N), the evaluations of loss and
+gradient per victim-iteration (the line search's), and useful FLOP/s counted per evaluation.
 
 Each figure is the median of --repeats timed runs; the machine's other load shows up as spread
 between repeats, so run it on an otherwise idle machine. The same script runs on CUDA.
@@ -65,19 +70,57 @@ def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def step_flops(target: Target, labels: torch.Tensor) -> float:
+def step_flops(target: Target, labels: torch.Tensor, **matching) -> float:
     """FLOPs of ONE victim's attack step in the original formulation (dummy gradient +
     distance + its gradient w.r.t. the image, no vmap), whatever engine runs it."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gileak.engine.matching import make_victim_loss
 
-    victim_loss = make_victim_loss(target, MatchingConfig())
+    victim_loss = make_victim_loss(target, MatchingConfig(**matching))
     shared = tuple(target.shared_gradient[n][0] for n in victim_loss.names)
     image = torch.rand(target.input_shape, device=target.device)
     with FlopCounterMode(display=False) as counter:
         torch.func.grad_and_value(victim_loss, has_aux=True)(image, labels[0], shared)
     return float(counter.get_total_flops())
+
+
+def measure_lbfgs(target: Target, labels: torch.Tensor, iterations: int, repeats: int,
+                  vectorized: bool) -> tuple[float, float]:
+    """(victim-iterations/s, victim-evaluations/s) of iDLG's L-BFGS (median of `repeats`);
+    no victim stops early (min_loss 0)."""
+    from gileak.engine import lbfgs
+
+    config = lbfgs.LBFGSConfig(min_loss=0.0, vectorized=vectorized)
+    seeds = list(range(target.num_victims))
+    lbfgs.lbfgs_matching(target, config, seeds=seeds, max_iterations=1, labels=labels)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        counter = _EvaluationCounter(target) if not vectorized else None
+        _sync(target.device)
+        started = time.perf_counter()
+        lbfgs.lbfgs_matching(target, config, seeds=seeds, max_iterations=iterations, labels=labels)
+        _sync(target.device)
+        seconds = time.perf_counter() - started
+        evaluations = lbfgs.last_run.get("evaluations", 0) if vectorized else counter.close()
+        rates.append((target.num_victims * iterations / seconds, evaluations / seconds))
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+class _EvaluationCounter:
+    """Counts the reference loop's evaluations (forward passes of the victim's model)."""
+
+    def __init__(self, target: Target) -> None:
+        self.count = 0
+        self.handle = target.net.register_forward_pre_hook(self._seen)
+
+    def _seen(self, module, inputs) -> None:
+        self.count += 1
+
+    def close(self) -> int:
+        self.handle.remove()
+        return self.count
 
 
 def engine_name(target: Target) -> str:
@@ -98,6 +141,7 @@ def main() -> None:
     parser.add_argument("--loop-iterations", type=int, default=5, help="iterations for the slower per-victim loop")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
+    parser.add_argument("--attacks", default="ig", help="ig (Adam: ig, ignore) and/or idlg (L-BFGS: dlg, idlg, cpl)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -105,23 +149,47 @@ def main() -> None:
           f"input={'x'.join(map(str, INPUT))}")
     peak = matmul_flops(device)
     print(f"2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    attacks = args.attacks.split(",")
     for model_name in args.models.split(","):
-        header = (f"{'model':>8} {'engine':>9} {'victims':>8} {'batched it/s':>13} {'vmap it/s':>10} {'loop it/s':>10} "
-                  f"{'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
-        print(header)
-        for count in (int(v) for v in args.victims.split(",")):
-            torch.manual_seed(0)
-            net = MODELS[model_name]().build(INPUT, 10).to(device)
-            images = torch.rand(count, *INPUT, device=device)
-            labels = torch.randint(0, 10, (count,), device=device)
-            target = Target(net, shared_gradients(net, NoDefense(), images, labels), INPUT, 10, labels=labels)
-            batched = measure(target, labels, args.iterations, args.repeats)
-            vmapped = float("nan") if args.no_vmap else measure(target, labels, args.iterations, args.repeats,
-                                                                   factored=False)
-            looped = measure(target, labels, args.loop_iterations, args.repeats, vectorized=False)
-            useful = step_flops(target, labels) * batched
-            print(f"{model_name:>8} {engine_name(target):>9} {count:>8} {batched:>13.0f} {vmapped:>10.0f} "
-                  f"{looped:>10.0f} {batched / looped:>6.1f}x {useful / 1e9:>15.2f} {100 * useful / peak:>9.1f}%", flush=True)
+        for attack in attacks:
+            if attack == "ig":
+                print(f"{'model':>8} {'engine':>9} {'victims':>8} {'batched it/s':>13} {'vmap it/s':>10} "
+                      f"{'loop it/s':>10} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
+            elif attack == "idlg":
+                print(f"{'model':>8} {'L-BFGS':>9} {'victims':>8} {'batched it/s':>13} {'evals/it':>10} "
+                      f"{'loop it/s':>10} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
+            else:
+                raise SystemExit(f"--attacks: unknown '{attack}' (use ig, idlg)")
+            for count in (int(v) for v in args.victims.split(",")):
+                torch.manual_seed(0)
+                net = MODELS[model_name]().build(INPUT, 10).to(device)
+                images = torch.rand(count, *INPUT, device=device)
+                labels = torch.randint(0, 10, (count,), device=device)
+                target = Target(net, shared_gradients(net, NoDefense(), images, labels), INPUT, 10, labels=labels)
+                if attack == "ig":
+                    batched = measure(target, labels, args.iterations, args.repeats)
+                    vmapped = float("nan") if args.no_vmap else measure(target, labels, args.iterations, args.repeats,
+                                                                           factored=False)
+                    looped = measure(target, labels, args.loop_iterations, args.repeats, vectorized=False)
+                    useful = step_flops(target, labels) * batched
+                    middle = f"{vmapped:>10.0f}"
+                    name = engine_name(target)
+                else:
+                    from gileak.engine import lbfgs
+
+                    batched, evaluations = measure_lbfgs(target, labels, args.iterations, args.repeats, True)
+                    name = lbfgs.last_run.get("engine", "?")
+                    # The loop solves victims one after another, so its rate does not depend on N:
+                    # it is timed on a few victims over the same iterations (an L-BFGS iteration's
+                    # cost changes along the run: its line search takes more evaluations later).
+                    few = min(count, 4)
+                    subset = Target(net, {k: v[:few] for k, v in target.shared_gradient.items()}, INPUT, 10,
+                                    labels=labels[:few])
+                    looped, _ = measure_lbfgs(subset, labels[:few], args.iterations, 1, False)
+                    useful = step_flops(target, labels, distance="euclidean", tv_weight=0.0) * evaluations
+                    middle = f"{evaluations / batched:>10.2f}"
+                print(f"{model_name:>8} {name:>9} {count:>8} {batched:>13.0f} {middle} {looped:>10.0f} "
+                      f"{batched / looped:>6.1f}x {useful / 1e9:>15.2f} {100 * useful / peak:>9.1f}%", flush=True)
 
 
 if __name__ == "__main__":
