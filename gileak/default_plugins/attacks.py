@@ -117,6 +117,8 @@ class DLG(Attack):
 
     class Params(Attack.Params):
         lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
+        line_search: int = Field(25, ge=0, description="strong-Wolfe line search: trial evaluations per iteration at most "
+                                 "(0: one trial, kept or not: torch's LBFGS(max_iter=1) default, which stalls)")
         labels: Literal["optimise", "known", "recover"] = Field(
             "optimise", description="optimise dummy labels (DLG), known, or recover (iDLG)")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
@@ -127,7 +129,7 @@ class DLG(Attack):
         from gileak.engine.lbfgs import LBFGSConfig
 
         return LBFGSConfig(lr=self.params.lr, keep=keep, optimise_labels=self.params.labels == "optimise",
-                           label_weight=self.label_weight)
+                           label_weight=self.label_weight, line_search_evals=self.params.line_search)
 
     def attack(self, target, *, seeds, max_iterations, progress=None):
         from gileak.engine.lbfgs import lbfgs_matching
@@ -148,6 +150,8 @@ class IDLG(DLG):
 
     class Params(Attack.Params):
         lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
+        line_search: int = Field(25, ge=0, description="strong-Wolfe line search: trial evaluations per iteration at most "
+                                 "(0: one trial, kept or not: torch's LBFGS(max_iter=1) default, which stalls)")
         labels: LabelMode = Field("recover", description="recover (iDLG) or known")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
 
@@ -160,6 +164,8 @@ class CPL(DLG):
 
     class Params(Attack.Params):
         lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
+        line_search: int = Field(25, ge=0, description="strong-Wolfe line search: trial evaluations per iteration at most "
+                                 "(0: one trial, kept or not: torch's LBFGS(max_iter=1) default, which stalls)")
         label_weight: float = Field(0.01, ge=0, description="weight of the label-based regulariser")
         labels: LabelMode = Field("recover", description="recover (from the gradient) or known")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
@@ -167,7 +173,8 @@ class CPL(DLG):
     def lbfgs_config(self, keep):
         from gileak.engine.lbfgs import LBFGSConfig
 
-        return LBFGSConfig(lr=self.params.lr, keep=keep, label_weight=self.params.label_weight)
+        return LBFGSConfig(lr=self.params.lr, keep=keep, label_weight=self.params.label_weight,
+                           line_search_evals=self.params.line_search)
 
 
 class Analytic(Attack):
