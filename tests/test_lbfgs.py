@@ -3,8 +3,9 @@ per-victim loop of torch.optim.LBFGS (`vectorized=False`), with torch's full str
 search (max_ls = line_search_evals = 25; bracketing and zoom phases) and with the old max_ls = 0
 (line_search_evals=0): DLG's label optimisation (vmap), iDLG on the paper's CNN (the factored
 engine), CPL on both engines, no line search, a history that wraps around, victims that stop or
-are held at different iterations, victim groups, the progress count, a stochastic model; and
-that the full search makes progress where max_ls = 0 stalls."""
+are held at different iterations, victim groups, the progress count, a stochastic model; that
+the victims run out of step (no barrier between their iterations: every engine call carries
+every victim still running); and that the full search makes progress where max_ls = 0 stalls."""
 
 import dataclasses
 
@@ -128,6 +129,57 @@ def test_cpl_matches_the_reference_on_both_engines(engine, monkeypatch):
     assert (without.images - batched.images).abs().max() > 1e-3  # the label term is in the objective
 
 
+def test_victims_run_out_of_step_so_every_engine_call_carries_every_victim_still_running():
+    """No barrier between the victims' iterations: a victim whose line search ends starts its
+    next step in the same round, so every round evaluates every victim still running and the
+    engine calls are as many as ONE victim's evaluations — the most any victim needs — where
+    the lockstep solver (all victims' step k before anyone's step k + 1) made one call per
+    round of the longest search of every iteration (here 110 calls, 1.56 victims a call).
+    Progress still adds up to max_iterations, reported as the slowest running victim advances."""
+    target, _ = cnn_target(n=4)
+    counted = []
+    result = lbfgs_matching(target, LBFGSConfig(minmax=False), seeds=[0, 1, 2, 3], max_iterations=10,
+                            labels=target.labels, progress=counted.append)
+    run = lbfgs.last_run
+    per_victim = run["victim_evaluations"]
+    assert result.iterations == [10, 10, 10, 10] and run["stepped"] == 40
+    assert sum(per_victim) == run["evaluations"] and min(per_victim) < max(per_victim) / 2  # unequal searches
+    assert run["calls"] == max(per_victim)  # the lockstep solver: > max (110 against 84)
+    assert run["victims_per_call"] == pytest.approx(run["evaluations"] / run["calls"])
+    assert run["victims_per_call"] > 1.8  # the lockstep solver: 1.56
+    assert sum(counted) == 10 and len(counted) >= 5
+
+
+def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypatch):
+    """Victims at different iterations share rounds (and the two-loop recursion gathers each
+    one's own pairs from its own ring position), yet each follows exactly the trajectory it
+    follows alone — bit for bit, once the engine and the row-wise dot products give each
+    victim the same rounding whatever the others in the call (here: one engine call per
+    victim; torch.linalg.vecdot). A history of 3 wraps around at different rounds."""
+    original = lbfgs._Evaluator.__call__
+
+    def one_at_a_time(self, points, index):
+        rows = torch.arange(points.shape[0]) if index is None else index
+        parts = [original(self, points, rows[j:j + 1]) for j in range(rows.numel())]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    monkeypatch.setattr(lbfgs._Evaluator, "__call__", one_at_a_time)
+    monkeypatch.setattr(lbfgs, "_dot", torch.linalg.vecdot)
+    target, _ = cnn_target(n=4)
+    config = LBFGSConfig(minmax=False, history=3)
+    seeds = [0, 1, 2, 3]
+    together = lbfgs_matching(target, config, seeds=seeds, max_iterations=8, labels=target.labels)
+    per_victim = lbfgs.last_run["victim_evaluations"]
+    assert min(per_victim) < max(per_victim) / 2  # out of step
+    for k in range(4):
+        own = {n: g[k:k + 1] for n, g in target.shared_gradient.items()}
+        alone_target = Target(net=target.net, shared_gradient=own, input_shape=target.input_shape,
+                              num_classes=target.num_classes, labels=target.labels[k:k + 1])
+        alone = lbfgs_matching(alone_target, config, seeds=[seeds[k]], max_iterations=8, labels=target.labels[k:k + 1])
+        assert torch.equal(alone.images[0], together.images[k])
+        assert alone.final_loss[0] == together.final_loss[k] and alone.iterations[0] == together.iterations[k]
+
+
 def test_a_history_shorter_than_the_run_wraps_around_as_torch_drops_its_oldest_pairs():
     target, _ = tiny_mlp_target()
     config = LBFGSConfig(history=3, optimise_labels=True, minmax=False)
@@ -210,7 +262,7 @@ def test_progress_reports_the_remainder_when_every_victim_stops_early():
     result = lbfgs_matching(target, LBFGSConfig(min_loss=1e9), seeds=[1, 2, 3], max_iterations=9,
                             labels=target.labels, progress=counted.append)
     assert result.iterations == [1, 1, 1]
-    assert sum(counted) == 9 and counted[0] == 1
+    assert sum(counted) == 9  # no victim left running after the first: the whole remainder at once
 
 
 def test_a_stochastic_model_runs_with_independent_noise_and_finite_results():

@@ -36,9 +36,13 @@ within a few iterations): the attacks were under-powered. We pass max_eval = 1 +
 reproduces the old behaviour.
 
 The batched search runs each victim's `_strong_wolfe` — ported statement for statement, on
-torch's types — as a generator, in lockstep: every round, each victim still searching yields
-its trial t, ONE engine call evaluates all those victims' trial points x + t d, and each
-generator takes its (f, g, g.d) and yields its next t or returns (f, g, t, evaluations).
+torch's types — as a generator: it yields its trial t, an engine call evaluates the trial
+point x + t d, and the generator takes its (f, g, g.d) and yields its next t or returns (f, g,
+t, evaluations). The victims are not kept in step (`_solve_group`): a victim whose search
+ends starts its next step at once, so each round's ONE engine call carries every victim still
+running — those in the middle of a search and those starting a step alike — and the calls are
+as many as the most evaluations one victim needs, not (as in lockstep, every victim's step k
+before anyone's step k + 1) the sum over iterations of the longest search.
 For a deterministic model the search's f and g at its final point are the ones the next `step`
 starts from (torch evaluates there again: x + t d is the same float operation, trial and
 final), so the batched solver evaluates each victim once at its start and then only at trial
@@ -80,7 +84,8 @@ TOLERANCE_CHANGE = 1e-9
 HISTORY_MEMORY = 2 * 1024**3
 
 #: What the last batched run did, for tests and benchmarks: engine ("factored" or "vmap"),
-#: evaluations (victim-evaluations of loss and gradient, all of them), iterations
+#: evaluations (victim-evaluations of loss and gradient, all of them), victim_evaluations (each
+#: victim's), victims_per_call (evaluations / calls), iterations
 #: (victim-iterations, held ones included: the reference's count), stepped (victim-iterations
 #: actually computed, held ones excluded), calls (batched engine calls), groups, reused (a
 #: deterministic model: the search's last evaluation starts the next step); of the line search:
@@ -405,102 +410,62 @@ class _Evaluator:
 
 class _History:
     """Each victim's curvature pairs (y, s, 1/ys) — torch's FIFO of `size` pairs, the oldest
-    dropped when a new one arrives — in ring buffers shared by all victims and kept aligned:
-    every victim's newest pair lies in slot (pushed - 1) % size, its k-th newest in
-    (pushed - 1 - k) % size, so the two-loop recursion reads one contiguous (n, D) slice per
-    pair for all victims at once. A round in which some victims store a pair and others do not
-    (ys <= 1e-10) advances the shared pointer; the others' rings are rotated by one slot, which
-    keeps their pairs and their order."""
+    dropped when a new one arrives — in a ring per victim: victim k's pairs lie in column k of
+    (size, count, D) buffers, its next pair goes to slot pushed[k] % size, its j-th newest is
+    in slot (pushed[k] - 1 - j) % size. The victims are not in step (see `_solve_group`), so each
+    keeps its own position; the two-loop recursion for a subset of victims gathers each one's
+    j-th newest pair into one (n, D) tensor per j (a plain slice where all of them are at the
+    same position). Slots a victim has not filled yet are zeros, masked out."""
 
     def __init__(self, size: int, count: int, dim: int, device) -> None:
         self.size = size
+        self.count = count
         self.dirs = torch.zeros(size, count, dim, device=device)  # y
         self.stps = torch.zeros(size, count, dim, device=device)  # s
         self.ro = torch.zeros(size, count, device=device)
-        self.lengths = torch.zeros(count, dtype=torch.long, device=device)
-        self.pushed = 0  # rounds in which some victim stored a pair
+        self.pushed = torch.zeros(count, dtype=torch.long, device=device)  # pairs each victim stored
 
-    def push(self, update: torch.Tensor, y: torch.Tensor, s: torch.Tensor, ro: torch.Tensor,
-             needed: torch.Tensor) -> None:
-        """Store (y, s, ro) for the victims `update`; `needed`: victims whose history is still used."""
-        rotate = needed & ~update & (self.lengths > 0)
-        if bool(rotate.any()):
-            index = rotate.nonzero().squeeze(1)
-            for buffer in (self.dirs, self.stps, self.ro):
-                buffer[:, index] = buffer[:, index].roll(1, dims=0)
-        slot = self.pushed % self.size
-        if bool(update.all()):
-            self.dirs[slot] = y
-            self.stps[slot] = s
-            self.ro[slot] = ro
-        else:
-            column = update.unsqueeze(1)
-            self.dirs[slot] = torch.where(column, y, self.dirs[slot])
-            self.stps[slot] = torch.where(column, s, self.stps[slot])
-            self.ro[slot] = torch.where(update, ro, self.ro[slot])
-        self.pushed += 1
-        self.lengths = torch.where(update, (self.lengths + 1).clamp(max=self.size), self.lengths)
+    def push(self, victims: torch.Tensor, y: torch.Tensor, s: torch.Tensor, ro: torch.Tensor) -> None:
+        """Store (y, s, ro) (rows in the order of `victims`) as those victims' newest pairs."""
+        slot = self.pushed[victims] % self.size
+        self.dirs[slot, victims] = y
+        self.stps[slot, victims] = s
+        self.ro[slot, victims] = ro
+        self.pushed[victims] += 1
 
-    def direction(self, g: torch.Tensor, h_diag: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """torch's two-loop recursion, d = -H g, for every victim (meaningful for `rows`, a mask)."""
+    def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
+        """torch's two-loop recursion, d = -H g, for the victims `victims` (sorted, distinct;
+        g and h_diag: their rows)."""
         q = g.neg()
-        lengths = self.lengths
-        longest = int(lengths[rows].max()) if bool(rows.any()) else 0
+        pushed = self.pushed[victims]
+        lengths = pushed.clamp(max=self.size)
+        longest = int(lengths.max()) if victims.numel() else 0
+        aligned = bool((pushed == pushed[0]).all()) if victims.numel() else True
+        everyone = victims.numel() == self.count
+
+        def pair(rank: int):
+            """Each victim's rank-th newest (y, s, ro)."""
+            if aligned:
+                slot = (int(pushed[0]) - 1 - rank) % self.size
+                if everyone:
+                    return self.dirs[slot], self.stps[slot], self.ro[slot]
+                return (self.dirs[slot].index_select(0, victims), self.stps[slot].index_select(0, victims),
+                        self.ro[slot].index_select(0, victims))
+            slot = (pushed - 1 - rank) % self.size
+            return self.dirs[slot, victims], self.stps[slot, victims], self.ro[slot, victims]
+
         al = []
         for rank in range(longest):  # newest to oldest
-            slot = (self.pushed - 1 - rank) % self.size
-            a = torch.where(rank < lengths, _dot(self.stps[slot], q) * self.ro[slot], 0.0)
-            q.addcmul_(self.dirs[slot], a.unsqueeze(1), value=-1)
+            y, s, ro = pair(rank)
+            a = torch.where(rank < lengths, _dot(s, q) * ro, 0.0)
+            q.addcmul_(y, a.unsqueeze(1), value=-1)
             al.append(a)
         r = q.mul_(h_diag.unsqueeze(1))
         for rank in range(longest - 1, -1, -1):  # oldest to newest
-            slot = (self.pushed - 1 - rank) % self.size
-            be = _dot(self.dirs[slot], r) * self.ro[slot]
-            r.addcmul_(self.stps[slot], torch.where(rank < lengths, al[rank] - be, 0.0).unsqueeze(1))
+            y, s, ro = pair(rank)
+            be = _dot(y, r) * ro
+            r.addcmul_(s, torch.where(rank < lengths, al[rank] - be, 0.0).unsqueeze(1))
         return r
-
-
-def _line_search(evaluate: _Evaluator, x: torch.Tensor, d: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
-                 gtd: torch.Tensor, rows: list[int], starts: list, max_ls: int, stats: dict):
-    """torch's strong-Wolfe line search for the victims `rows` of the group, in lockstep: each
-    round, every victim still searching gives its trial step t, ONE batched engine call
-    evaluates all their trial points x + t d (and one batched product their g_new.d), and each
-    victim's `_strong_wolfe` generator takes its values and gives its next t or its result.
-    Returns the victims' final t, f and g (float32 (n,), (n,), (n, D))."""
-    d_norm = d.abs().amax(1)
-    losses_at_x = f.tolist()
-    searches, trials, results = {}, {}, {}
-    for k, t in zip(rows, starts):
-        searches[k] = _strong_wolfe(t, losses_at_x[k], g[k], gtd[k], d_norm[k], max_ls)
-        trials[k] = next(searches[k])
-    count = x.shape[0]
-    while trials:
-        pending = list(trials)  # in row order
-        index = torch.tensor(pending, dtype=torch.long, device=x.device)
-        steps = torch.zeros(count, dtype=x.dtype, device=x.device)
-        steps[index] = torch.tensor([float(trials[k]) for k in pending], dtype=x.dtype, device=x.device)
-        # torch: p.add_(d, alpha=t), t cast to float32; _solve_group forms the final x by this same expression
-        points = x + steps.unsqueeze(1) * d
-        losses, grads = evaluate(points, None if len(pending) == count else index)
-        gtd_new = _dot(grads, d[index])
-        values = zip(losses.tolist(), grads.unbind(0), gtd_new.unbind(0))
-        trials = {}
-        for k, value in zip(pending, values):
-            try:
-                trials[k] = searches[k].send(value)
-            except StopIteration as end:
-                results[k] = end.value
-    stats["searches"] += len(rows)
-    for k in rows:
-        evaluations, zoom = results[k][3], results[k][4]
-        stats["search_evaluations"] += evaluations
-        stats["zoom_evaluations"] += zoom
-        stats["long_searches"] += evaluations > 2
-        stats["longest_search"] = max(stats["longest_search"], evaluations)
-    found_t = torch.tensor([float(results[k][2]) for k in rows], dtype=x.dtype, device=x.device)
-    found_f = torch.tensor([results[k][0] for k in rows], dtype=f.dtype, device=x.device)
-    found_g = torch.stack([results[k][1] for k in rows])
-    return found_t, found_f, found_g
 
 
 def _lbfgs_batched(
@@ -531,7 +496,7 @@ def _lbfgs_batched(
     if stochastic and seeds:
         torch.manual_seed(int(seeds[0]))  # reproducible noise (each victim draws its own)
 
-    images, found, iterations, best_losses = [], [], [], []
+    images, found, iterations, best_losses, evaluations = [], [], [], [], []
     reported = 0
     stats = dict(stepped=0, searches=0, search_evaluations=0, zoom_evaluations=0, long_searches=0,
                  longest_search=0, moves=0)
@@ -555,8 +520,10 @@ def _lbfgs_batched(
         found.append(result[1])
         iterations += result[2]
         best_losses += result[3]
+        evaluations += result[4]
     last_run.clear()
     last_run.update(engine=evaluate.engine, evaluations=evaluate.evaluations, calls=evaluate.calls,
+                    victims_per_call=evaluate.evaluations / max(1, evaluate.calls), victim_evaluations=evaluations,
                     iterations=sum(iterations), groups=len(groups), reused=not stochastic, **stats)
 
     final = torch.cat(images)
@@ -568,6 +535,34 @@ def _lbfgs_batched(
 
 def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], max_iterations: int, size: int,
                  stochastic: bool, target: Target, report: Callable[[int], None], stats: dict):
+    """One group's victims, each through its own iterations of torch.optim.LBFGS.step: a
+    round-based scheduler with no barrier between the victims' iterations.
+
+    Between rounds a victim is searching (its `_strong_wolfe` generator waits for the
+    evaluation of its trial point x + t d), at x (a step is to start at a point whose f and g
+    are not known yet: the first step, every step of a stochastic model, every step without
+    line search) or out (stopped, held, or at max_iterations). Each round:
+
+    1. the victims whose search ended in the last round finish their iteration (`finish`,
+       batched over them): t and x + t d, the search's final f and g kept as the next step's
+       (a deterministic model), the reference loop's best point and stopping rules, holding.
+       Those that go on with f and g known (deterministic, line search) and those whose
+       evaluation at x came back in the last round start their next step at once (`begin`,
+       batched over them): max|g|, the curvature pair, the two-loop direction from each
+       victim's own history (`_History`), the first trial t, a new search generator. A step
+       that ends without a search (max|g| <= tolerance_grad, no descent, no line search) is
+       finished on the spot; that victim then needs an evaluation at x, or is out;
+    2. every victim that needs an evaluation — a searching one at its trial point, one at x
+       at x — is evaluated in ONE engine call: every victim still running is in every call,
+       whatever its iteration;
+    3. the results go to their victims: a searching one's generator takes (f, g, g.d) and
+       gives its next t or its result; one at x takes its f and g.
+
+    Each victim's trajectory is what it would be alone: the same float operations on its own
+    rows (only the engine's summation order may depend on the other victims in a call, as in
+    any batched call). The number of calls is the most evaluations one victim needs, not the
+    sum over iterations of the longest search. `report` gets the fewest iterations completed
+    by a victim still running (the runner's share of max_iterations; the rest at the end)."""
     device = target.device
     count = len(seeds)
     pixels = evaluate.pixels
@@ -578,116 +573,202 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
         x = torch.cat([x, logits], dim=1)
     dim = x.shape[1]
     lr = float(config.lr)
+    max_ls = config.line_search_evals
 
-    f = torch.full((count,), math.nan, device=device)  # loss at x (valid where `fresh`)
+    # Each victim's state, updated in place row by row (every row handed to a search generator
+    # is a copy or a row of an engine call's output, never a view of these).
+    f = torch.full((count,), math.nan, device=device)  # loss at x (where known)
     g = torch.zeros(count, dim, device=device)  # gradient at x
-    fresh = torch.zeros(count, dtype=torch.bool, device=device)
     d = torch.zeros(count, dim, device=device)
     t = torch.zeros(count, device=device)
     prev_g = torch.zeros(count, dim, device=device)
     h_diag = torch.ones(count, device=device)
     n_iter = torch.zeros(count, dtype=torch.long, device=device)
     history = _History(size, count, dim, device)
+    loss = torch.full((count,), math.nan, dtype=torch.float64, device=device)  # f at the step's start
+    # the branches of torch's step the current iteration took (for holding)
+    optimal = torch.zeros(count, dtype=torch.bool, device=device)
+    proceed = torch.zeros_like(optimal)
+    stepping = torch.zeros_like(optimal)
+    later = torch.zeros_like(optimal)
 
-    active = torch.ones(count, dtype=torch.bool, device=device)
     best = torch.full((count,), math.inf, dtype=torch.float64, device=device)
     best_x = x[:, :pixels].clone()
     done = torch.zeros(count, dtype=torch.long, device=device)
-    frozen = torch.zeros(count, dtype=torch.bool, device=device)  # held where they are (see below)
+    frozen = torch.zeros(count, dtype=torch.bool, device=device)  # held where they are
+    running = torch.full((count,), max_iterations > 0, dtype=torch.bool, device=device)
+    evaluations = [0] * count
+    points = torch.empty(count, dim, device=device)
 
-    for iteration in range(max_iterations):
-        if not bool(active.any()):
-            break
-        stats["stepped"] += int(active.sum())
-        # f(x), g(x) where they are not known yet (torch's closure at the start of `step`)
-        need = active & ~fresh
-        if bool(need.any()):
-            index = None if bool(need.all()) else need.nonzero().squeeze(1)
-            losses, grads = evaluate(x, index)
-            if index is None:
-                f, g = losses.clone(), grads.clone()
-            else:
-                f = f.index_copy(0, index, losses)
-                g = g.index_copy(0, index, grads)
-            fresh = fresh | need
-        loss = f.double()  # the loss of x, before the step
+    searches: dict = {}  # victim -> its _strong_wolfe generator
+    trials: dict = {}  # victim -> the trial t its search waits on
+    ended: dict = {}  # victim -> its search's result, this round
+    at_x: list[int] = list(range(count)) if max_iterations > 0 else []  # victims to evaluate at x
+    ready: list[int] = []  # victims whose step starts now (f and g at x known)
 
-        # --- torch.optim.LBFGS.step, max_iter = 1, per victim
-        optimal = g.abs().amax(1) <= TOLERANCE_GRAD  # NaN: False, as in torch
-        proceed = active & ~optimal
-        first = proceed & (n_iter == 0)
-        later = proceed & (n_iter > 0)
-        n_iter = n_iter + proceed.long()
-        direction = -g
-        if bool(later.any()):
-            y = g - prev_g
-            s = d * t.unsqueeze(1)
-            ys = _dot(y, s)
-            update = later & (ys > 1e-10)
-            if bool(update.any()):
-                history.push(update, y, s, 1.0 / ys, active)
-                h_diag = torch.where(update, ys / _dot(y, y), h_diag)
-            direction = torch.where(later.unsqueeze(1), history.direction(g, h_diag, later), direction)
-        d = torch.where(proceed.unsqueeze(1), direction, d)
-        prev_g = torch.where(proceed.unsqueeze(1), g, prev_g)
-        inverse = 1.0 / g.abs().sum(1)
-        start = torch.where(inverse < 1.0, inverse, torch.ones_like(inverse)) * lr  # min(1, 1/|g|_1) lr
-        t = torch.where(first, start, torch.where(proceed, torch.full_like(t, lr), t))
-        gtd = _dot(g, d)
-        step = proceed & ~(gtd > -TOLERANCE_CHANGE)
-
-        x_new = x
-        moved = torch.zeros_like(step)
-        if bool(step.any()):
-            if config.line_search:
-                # torch's _strong_wolfe per victim, all victims' trial points in one call a round
-                rows = step.nonzero().squeeze(1).tolist()
-                firsts = first.tolist()
-                small = (inverse < 1.0).tolist()  # torch: min(1.0, 1 / |g|_1) * lr, a tensor or a float
-                starts = [start[k] if firsts[k] and small[k] else 1.0 * lr for k in rows]
-                found_t, found_f, found_g = _line_search(evaluate, x, d, f, g, gtd, rows, starts,
-                                                         config.line_search_evals, stats)
-                index = torch.tensor(rows, dtype=torch.long, device=device)
-                t = t.index_copy(0, index, found_t)
-                # the same float operation as the trial points' (x + 0 d where the search kept x)
-                x_new = torch.where(step.unsqueeze(1), x + t.unsqueeze(1) * d, x)
-                if not stochastic:  # the next step starts where the search ended: its f and g
-                    f = f.index_copy(0, index, found_f)
-                    g = g.index_copy(0, index, found_g)
-            else:
-                x_new = torch.where(step.unsqueeze(1), x + t.unsqueeze(1) * d, x)
-                fresh = fresh & ~step
-            moved = step & (x_new != x).any(1)
-            stats["moves"] += int(moved.sum())
-        if stochastic:
-            fresh = fresh & ~active  # a stochastic model is evaluated afresh every step, as torch does
-            hold = torch.zeros_like(active)
+    def finish(rows: torch.Tensor, x_new: torch.Tensor, moved: torch.Tensor) -> list[int]:
+        """The end of the victims' `rows` iteration (x_new: their new points): the reference
+        loop's bookkeeping (best point, stopping) and holding; returns those that go on."""
+        done[rows] += 1
+        step_loss = loss[rows]
+        improved = torch.isfinite(step_loss) & (step_loss < best[rows])
+        best[rows] = torch.where(improved, step_loss, best[rows])
+        best_x[rows] = torch.where(improved.unsqueeze(1), x[rows, :pixels], best_x[rows])
+        stop = ~torch.isfinite(step_loss) | ~torch.isfinite(x_new[:, :pixels]).all(1) | (step_loss < config.min_loss)
+        if stochastic:  # evaluated afresh at x every step, as torch does
+            hold = torch.zeros_like(stop)
         else:
-            # A deterministic victim that did not move this step repeats it, loss and all, until
-            # max_iterations — torch would evaluate the same x again, find the same g and:
-            # max|g| <= tolerance_grad: return with no state change; g.d > -tolerance_change:
-            # store no pair (y = 0) and find the same d; a line search that left x where it
-            # was (t = 0, or x + t d == x) on a step after the first: store no pair (y = 0),
-            # find the same d from the same history and H_diag, start from the same t = lr
-            # and so run the same search to the same end. It is held there without
+            # A deterministic victim that did not move this step would repeat it, loss and
+            # all, until max_iterations — torch would evaluate the same x again, find the same
+            # g and: max|g| <= tolerance_grad: return with no state change; g.d >
+            # -tolerance_change: store no pair (y = 0) and find the same d; a line search that
+            # left x where it was (t = 0, or x + t d == x) on a step after the first: store no
+            # pair (y = 0), find the same d from the same history and H_diag, start from the
+            # same t = lr and so run the same search to the same end. It is held there without
             # evaluations. (A first step's search starts from t = min(1, 1/|g|_1) lr, the next
             # from lr: a victim that did not move on its first step is not held.)
-            hold = active & (optimal | (proceed & ~step) | (later & step & ~moved))
+            hold = optimal[rows] | (proceed[rows] & ~stepping[rows]) | (later[rows] & stepping[rows] & ~moved)
+        x[rows] = x_new
+        frozen[rows] |= hold & ~stop
+        go = ~stop & ~hold & (done[rows] < max_iterations)
+        running[rows] = go
+        return rows[go].tolist()
 
-        # --- the reference loop's bookkeeping: best point, stopping
-        done = done + active.long()
-        improved = active & torch.isfinite(loss) & (loss < best)
-        best = torch.where(improved, loss, best)
-        best_x = torch.where(improved.unsqueeze(1), x[:, :pixels], best_x)
-        stop = ~torch.isfinite(loss) | ~torch.isfinite(x_new[:, :pixels]).all(1) | (loss < config.min_loss)
-        active = active & ~stop
-        frozen = frozen | (active & hold)
-        active = active & ~hold
-        x = x_new
-        report(iteration + 1)
+    def begin(victims: list[int]) -> None:
+        """torch.optim.LBFGS.step (max_iter = 1) after its evaluation at x, for `victims`:
+        up to the line search's first trial point (or the whole step where there is none)."""
+        rows = torch.tensor(victims, dtype=torch.long, device=device)
+        stats["stepped"] += len(victims)
+        grad = g[rows]
+        loss[rows] = f[rows].double()
+        is_optimal = grad.abs().amax(1) <= TOLERANCE_GRAD  # NaN: False, as in torch
+        goes = ~is_optimal
+        first = goes & (n_iter[rows] == 0)
+        is_later = goes & (n_iter[rows] > 0)
+        n_iter[rows] += goes.long()
+        direction = grad.neg()
+        row_d, row_t = d[rows], t[rows]
+        if bool(is_later.any()):
+            y = grad - prev_g[rows]
+            s = row_d * row_t.unsqueeze(1)
+            ys = _dot(y, s)
+            update = is_later & (ys > 1e-10)
+            if bool(update.any()):
+                history.push(rows[update], y[update], s[update], (1.0 / ys)[update])
+                h_diag[rows] = torch.where(update, ys / _dot(y, y), h_diag[rows])
+            which = is_later.nonzero().squeeze(1)
+            direction[which] = history.direction(grad[which], h_diag[rows[which]], rows[which])
+        row_d = torch.where(goes.unsqueeze(1), direction, row_d)
+        d[rows] = row_d
+        prev_g[rows] = torch.where(goes.unsqueeze(1), grad, prev_g[rows])
+        inverse = 1.0 / grad.abs().sum(1)
+        start = torch.where(inverse < 1.0, inverse, torch.ones_like(inverse)) * lr  # min(1, 1/|g|_1) lr
+        row_t = torch.where(first, start, torch.where(goes, torch.full_like(row_t, lr), row_t))
+        t[rows] = row_t
+        gtd = _dot(grad, row_d)
+        step = goes & ~(gtd > -TOLERANCE_CHANGE)
+        optimal[rows], proceed[rows], stepping[rows], later[rows] = is_optimal, goes, step, is_later
+
+        if not bool(step.all()):  # the step ends here, x unchanged
+            idle = rows[~step]
+            at_x.extend(finish(idle, x[idle], torch.zeros_like(idle, dtype=torch.bool)))
+        if not bool(step.any()):
+            return
+        which = step.nonzero().squeeze(1)
+        moving = rows[which]
+        if config.line_search:  # torch's _strong_wolfe, one generator per victim
+            d_norm = row_d[which].abs().amax(1)
+            losses_at_x = f[moving].tolist()
+            firsts, small = first[which].tolist(), (inverse[which] < 1.0).tolist()
+            for j, k in enumerate(moving.tolist()):
+                # torch: min(1.0, 1 / |g|_1) * lr on the first step, a tensor or a float
+                begin_t = start[which[j]] if firsts[j] and small[j] else 1.0 * lr
+                searches[k] = _strong_wolfe(begin_t, losses_at_x[j], grad[which[j]], gtd[which[j]], d_norm[j], max_ls)
+                trials[k] = next(searches[k])
+        else:
+            x_new = x[moving] + row_t[which].unsqueeze(1) * row_d[which]
+            moved = (x_new != x[moving]).any(1)
+            stats["moves"] += int(moved.sum())
+            at_x.extend(finish(moving, x_new, moved))  # without an evaluation: at x next step
+
+    def end_searches() -> None:
+        """The victims whose search ended this round: x + t d, and the end of their iteration."""
+        victims = sorted(ended)
+        rows = torch.tensor(victims, dtype=torch.long, device=device)
+        stats["searches"] += len(victims)
+        for k in victims:
+            searched, zoom = ended[k][3], ended[k][4]
+            stats["search_evaluations"] += searched
+            stats["zoom_evaluations"] += zoom
+            stats["long_searches"] += searched > 2
+            stats["longest_search"] = max(stats["longest_search"], searched)
+        found_t = torch.tensor([float(ended[k][2]) for k in victims], dtype=x.dtype, device=device)
+        t[rows] = found_t
+        # the same float operation as the trial points' (x + 0 d where the search kept x)
+        x_new = x[rows] + found_t.unsqueeze(1) * d[rows]
+        if not stochastic:  # the next step starts where the search ended: its f and g
+            f[rows] = torch.tensor([ended[k][0] for k in victims], dtype=f.dtype, device=device)
+            g[rows] = torch.stack([ended[k][1] for k in victims])
+        moved = (x_new != x[rows]).any(1)
+        stats["moves"] += int(moved.sum())
+        going = finish(rows, x_new, moved)
+        (at_x if stochastic else ready).extend(going)
+        for k in victims:
+            del searches[k]
+        ended.clear()
+
+    reported = 0
+    while True:
+        # 1. iterations that end, steps that start
+        if ended:
+            end_searches()
+        if ready:
+            begin(sorted(ready))
+            ready.clear()
+        # 2. every victim that needs an evaluation, in one call
+        pending = sorted([*trials, *at_x])
+        if not pending:
+            break
+        index = torch.tensor(pending, dtype=torch.long, device=device)
+        searching = [k for k in pending if k in trials]
+        if searching:
+            rows = torch.tensor(searching, dtype=torch.long, device=device)
+            steps = torch.tensor([float(trials[k]) for k in searching], dtype=x.dtype, device=device)
+            # torch: p.add_(d, alpha=t), t cast to float32; end_searches forms the final x by this same expression
+            points[rows] = x[rows] + steps.unsqueeze(1) * d[rows]
+        if at_x:
+            rows = torch.tensor(at_x, dtype=torch.long, device=device)
+            points[rows] = x[rows]
+        losses, grads = evaluate(points, None if len(pending) == count else index)
+        gtd_new = _dot(grads, d[index])
+        # 3. the results to their victims
+        values = zip(losses.tolist(), grads.unbind(0), gtd_new.unbind(0))
+        fresh = []
+        for position, (k, value) in enumerate(zip(pending, values)):
+            evaluations[k] += 1
+            if k in trials:
+                try:
+                    trials[k] = searches[k].send(value)
+                except StopIteration as end:
+                    del trials[k]
+                    ended[k] = end.value
+            else:
+                fresh.append(position)
+        if fresh:
+            where = torch.tensor(fresh, dtype=torch.long, device=device)
+            rows = index[where]
+            f[rows] = losses[where]
+            g[rows] = grads[where]
+            ready.extend(rows.tolist())
+        at_x.clear()
+        if bool(running.any()):
+            least = int(done[running].min())
+            if least > reported:
+                report(least)
+                reported = least
     report(max_iterations)
 
     done = torch.where(frozen, torch.full_like(done, max_iterations), done)
     found = x[:, pixels:].softmax(-1).argmax(-1) if config.optimise_labels else None
     return (best_x.view(count, *target.input_shape), found, done.cpu().tolist(),
-            best.cpu().tolist())
+            best.cpu().tolist(), evaluations)
