@@ -152,10 +152,6 @@ def _lbfgs_loop(
     """The reference: each victim in turn, torch.optim.LBFGS with max_iter=1 per iteration."""
     device = target.device
     num_victims = target.num_victims
-    if len(seeds) != num_victims:
-        raise ValueError(f"{len(seeds)} seeds for {num_victims} victims")
-    if labels is None and not config.optimise_labels:
-        raise ValueError("labels are needed unless they are optimised")
     matching = MatchingConfig(distance=config.distance, tv_weight=config.tv_weight, keep=config.keep)
     victim_loss = make_victim_loss(target, matching)
     shared = [tuple(target.shared_gradient[n][i].to(device) for n in victim_loss.names) for i in range(num_victims)]
