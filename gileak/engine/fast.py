@@ -305,13 +305,16 @@ class FactoredMatching:
 
     # ------------------------------------------------------------------ the plain chain
     def _buffer(self, key, like: torch.Tensor) -> Callable[[tuple[int, ...]], torch.Tensor]:
-        """A function giving the reusable buffer `key` of a shape (dtype and device of `like`)."""
+        """A function giving the reusable buffer `key` of a shape (dtype and device of `like`): the
+        first rows of one kept for the most victims asked for so far, so that steps on changing
+        subsets of victims (the L-BFGS line searches) reuse it too."""
         def get(shape) -> torch.Tensor:
             shape = tuple(shape)
             buffer = self._buffers.get(key)
-            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            if (buffer is None or tuple(buffer.shape[1:]) != shape[1:] or buffer.shape[0] < shape[0]
+                    or buffer.dtype != like.dtype or buffer.device != like.device):
                 buffer = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-            return buffer
+            return buffer[: shape[0]]
         return get
 
     def _weights(self, layer: _Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
