@@ -871,35 +871,28 @@ def _conv_input_grad(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor
                      buffer: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
     """The gradient w.r.t. a convolution's input of shape `shape` from its output gradient
     `grad`, plus the fold of `cols` (n, fan_in, P), a gradient w.r.t. its unfolded input, or of
-    the batched product A B where `cols` is (A, B) (into `buffer`, where given). Where the input has few channels (an image:
-    the library's transposed convolution is slow there, ~3 ms for the CNN's first layer at 128
-    victims on a 2-core CPU), or where A B is formed here anyway, as one fold of W^T grad + A B;
-    else by the library's transposed convolution (plus the fold of `cols`)."""
-    covers = _covers(args, shape[-2:])
-
-    def bmm(a, b):  # into the caller's reusable buffer, where there is one
-        if buffer is None:
-            return torch.bmm(a, b)
-        return torch.bmm(a, b, out=buffer((a.shape[0], a.shape[1], b.shape[2])))
-
-    owned = isinstance(cols, tuple)  # the columns are then formed here, and may be added to
-    if owned and (covers or weight.shape[1] >= 8):
-        cols = bmm(*cols)
-    if covers:
+    the batched product A B where `cols` is (A, B). Where A B is formed here anyway, or the input
+    has few channels (an image: the library's transposed convolution is slow there, ~3 ms for
+    the CNN's first layer at 128 victims on a 2-core CPU), as one fold of W^T grad + A B, formed
+    in `buffer` where given; else by the library's transposed convolution (plus the fold of
+    `cols`)."""
+    if _covers(args, shape[-2:]):
         out = grad.flatten(1) @ weight.flatten(1)
         if cols is not None:
-            out = out.add_(cols.flatten(1))
+            out = out.add_((torch.bmm(*cols) if isinstance(cols, tuple) else cols).flatten(1))
         return out.view(shape)
-    if weight.shape[1] < 8:  # (torch.matmul of a matrix and a batch would transpose and copy)
-        unfolded = bmm(weight.flatten(1).t().expand(grad.shape[0], -1, -1), grad.flatten(2))
+    if isinstance(cols, tuple) or weight.shape[1] < 8:
+        # (torch.matmul of a matrix and a batch would transpose and copy: a batched matmul of W^T expanded)
+        weight_t, flat = weight.flatten(1).t().expand(grad.shape[0], -1, -1), grad.flatten(2)
+        if buffer is None:
+            unfolded = torch.bmm(weight_t, flat)
+        else:
+            unfolded = torch.bmm(weight_t, flat, out=buffer((flat.shape[0], weight_t.shape[1], flat.shape[2])))
         if isinstance(cols, tuple):
             unfolded = unfolded.baddbmm_(*cols)
         elif cols is not None:
             unfolded = unfolded.add_(cols)
         return _fold(unfolded, shape, args)
-    if owned:  # W^T grad added to the columns: one fold and no transposed convolution
-        cols = cols.baddbmm_(weight.flatten(1).t().expand(grad.shape[0], -1, -1), grad.flatten(2))
-        return _fold(cols, shape, args)
     out = _transposed_conv(grad, shape, weight, args)
     if cols is not None:
         out = out.add_(_fold(cols, shape, args))
