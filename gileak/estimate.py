@@ -136,11 +136,8 @@ def _lbfgs_step_seconds(net, defense, attack, victims, labels, input_shape, num_
     """Seconds per victim-iteration of an L-BFGS attack's batched solver (its line search
     included), from the difference of a (1 + 2 steps)- and a 1-iteration run."""
     from gileak.engine.lbfgs import lbfgs_matching
-    from gileak.threat import Target, shared_gradients
 
-    gradients = shared_gradients(net, defense, victims, labels, seed=0)
-    target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
-                    labels=labels)
+    target = _probe_target(net, defense, victims, labels, input_shape, num_classes)
     config = attack.lbfgs_config(None)
     config.min_loss = 0.0
     seeds = list(range(len(victims)))
@@ -156,14 +153,11 @@ def _lbfgs_step_seconds(net, defense, attack, victims, labels, input_shape, num_
 
 def _matching_step_seconds(net, defense, victims, labels, input_shape, num_classes, steps: int) -> float:
     """Seconds per victim-iteration of the batched gradient-matching engine every iterative
-    attack (dlg, idlg, cpl, ig, ignore) steps with: the difference of a (1 + steps)- and a
-    1-iteration attack, so setup is not counted; no victim stops early."""
+    attack steps with (an L-BFGS one once per evaluation): the difference of a (1 + steps)- and
+    a 1-iteration attack, so setup is not counted; no victim stops early."""
     from gileak.engine.matching import MatchingConfig, gradient_matching
-    from gileak.threat import Target, shared_gradients
 
-    gradients = shared_gradients(net, defense, victims, labels, seed=0)
-    target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
-                    labels=labels)
+    target = _probe_target(net, defense, victims, labels, input_shape, num_classes)
     config = MatchingConfig(plateau_patience=10**9, stop_patience=10**9, min_loss=0.0)
     seeds = list(range(len(victims)))
 
@@ -174,6 +168,15 @@ def _matching_step_seconds(net, defense, victims, labels, input_shape, num_class
     attack(1)  # warm-up
     seconds = attack(1 + steps) - attack(1)
     return max(seconds, 1e-9) / (steps * len(victims))
+
+
+def _probe_target(net, defense, victims, labels, input_shape, num_classes):
+    """The probe victims' shared gradients under the defense, as an attack target."""
+    from gileak.threat import Target, shared_gradients
+
+    gradients = shared_gradients(net, defense, victims, labels, seed=0)
+    return Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
+                  labels=labels)
 
 
 def len_test_guess(train_size: int) -> int:
