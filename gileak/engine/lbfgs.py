@@ -133,22 +133,12 @@ def lbfgs_matching(
         raise ValueError("labels are needed unless they are optimised")
     if config.line_search_evals < 0:
         raise ValueError("line_search_evals must be at least 0")
-    if config.vectorized:
-        return _lbfgs_batched(target, config, seeds=seeds, max_iterations=max_iterations, labels=labels,
-                              progress=progress)
-    return _lbfgs_loop(target, config, seeds=seeds, max_iterations=max_iterations, labels=labels,
-                       progress=progress)
+    solve = _lbfgs_batched if config.vectorized else _lbfgs_loop
+    return solve(target, config, seeds, max_iterations, labels, progress)
 
 
-def _lbfgs_loop(
-    target: Target,
-    config: LBFGSConfig,
-    *,
-    seeds: list[int],
-    max_iterations: int,
-    labels: torch.Tensor | None,
-    progress: Callable[[int], None] | None = None,
-) -> Reconstruction:
+def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_iterations: int,
+                labels: torch.Tensor | None, progress: Callable[[int], None] | None) -> Reconstruction:
     """The reference: each victim in turn, torch.optim.LBFGS with max_iter=1 per iteration."""
     device = target.device
     num_victims = target.num_victims
@@ -464,15 +454,8 @@ class _History:
         return r
 
 
-def _lbfgs_batched(
-    target: Target,
-    config: LBFGSConfig,
-    *,
-    seeds: list[int],
-    max_iterations: int,
-    labels: torch.Tensor | None,
-    progress: Callable[[int], None] | None = None,
-) -> Reconstruction:
+def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_iterations: int,
+                   labels: torch.Tensor | None, progress: Callable[[int], None] | None) -> Reconstruction:
     """All victims at once, each exactly as `_lbfgs_loop` solves it (see the module's doc)."""
     if config.history < 1:
         raise ValueError("history must be at least 1")
