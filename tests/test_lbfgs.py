@@ -11,6 +11,7 @@ in float32 an ulp of summation order can legitimately flip a decision."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from test_attacks import cnn_target, tiny_mlp_target
@@ -121,6 +122,72 @@ def three_mlp_victims():
 def test_config_defaults_to_the_batched_solver_and_torchs_line_search_budget():
     assert LBFGSConfig().vectorized is True
     assert LBFGSConfig().line_search_evals == 25  # torch's _strong_wolfe default max_ls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_the_search_generator_takes_torchs_strong_wolfe_steps_bit_for_bit(dtype):
+    """The batched solver's `_strong_wolfe` (a generator on `_Scalar`s, which stand for 0-d
+    tensors) against torch's own on 0-d tensors, on random 1-D slices of a bumpy function
+    (some with a lying gradient, some linear, some with a tiny or huge direction): the same
+    trial steps, bit for bit, the same end point and evaluation count, through every branch —
+    bracketing, zoom, the max_ls exit and the tolerance_change exit."""
+    import torch.optim.lbfgs as torch_lbfgs
+
+    scalar = lbfgs._Scalar.of(dtype)
+    seen = dict(zoom=0, max_ls=0, tiny_bracket=0, short=0)
+    for seed in range(150):
+        generator = torch.Generator().manual_seed(seed)
+
+        def uniform(*shape, low=0.0, high=1.0):
+            return torch.rand(*shape, generator=generator, dtype=dtype) * (high - low) + low
+
+        curve, bump, frequency = uniform(4, high=3.0), uniform(4), uniform(4, high=20.0)
+        lie = float(uniform(1)) < 0.2  # the gradient's slope sign flipped: every point along -g is higher
+        linear = seed % 5 == 0  # no minimum along -g: bracketing runs to the max_ls exit
+
+        def loss_and_grad(z):
+            z = z.detach().requires_grad_(True)
+            if linear:
+                loss = (frequency * z).sum()
+            else:
+                loss = (curve * z * z + bump * torch.sin(frequency * z)).sum()
+            (grad,) = torch.autograd.grad(loss, z)
+            if lie:
+                loss = loss - 3 * (grad.detach() * z).sum()
+            return float(loss.detach()), grad
+
+        x = uniform(4, low=-2.0, high=2.0)
+        f, g = loss_and_grad(x)
+        d = -g * 10 ** float(uniform(1, low=-9.0, high=1.0))
+        t = min(1.0, 1.0 / g.abs().sum()) if seed % 2 else float(uniform(1, high=2.0))  # a tensor or a float
+        gtd = g.dot(d)
+
+        trials = []
+
+        def evaluate(x, t, d):
+            trials.append(float(t))
+            return loss_and_grad(x + t * d)
+
+        theirs = torch_lbfgs._strong_wolfe(evaluate, x, t, d, f, g, gtd, max_ls=25)
+        search = lbfgs._strong_wolfe(scalar(float(t)) if isinstance(t, torch.Tensor) else t, f, g, scalar(float(gtd)),
+                                     scalar(float(d.abs().max())), 25)
+        ours, trial = [], next(search)
+        try:
+            while True:
+                ours.append(float(trial))
+                f_new, g_new = loss_and_grad(x + torch.tensor(float(trial), dtype=dtype) * d)
+                with np.errstate(all="ignore"):  # as the solver runs it
+                    trial = search.send((f_new, g_new, scalar(float(g_new.dot(d)))))
+        except StopIteration as end:
+            result = end.value
+        assert ours == trials, f"seed {seed}"
+        assert (result[0], float(result[2]), result[3]) == (theirs[0], float(theirs[2]), theirs[3]), f"seed {seed}"
+        assert torch.equal(result[1], theirs[1])
+        seen["zoom"] += result[4] > 0
+        seen["max_ls"] += result[3] == 26
+        seen["tiny_bracket"] += 1 < result[3] < 26 and float(result[2]) == 0.0
+        seen["short"] += result[3] <= 2
+    assert all(count > 0 for count in seen.values()), seen
 
 
 @pytest.mark.parametrize("evals", [25, 3, 0])

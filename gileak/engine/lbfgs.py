@@ -36,7 +36,7 @@ within a few iterations): the attacks were under-powered. We pass max_eval = 1 +
 reproduces the old behaviour.
 
 The batched search runs each victim's `_strong_wolfe` — ported statement for statement, on
-torch's types — as a generator: it yields its trial t, an engine call evaluates the trial
+torch's types (its 0-d tensors as `_Scalar`s, which round as they do, on the CPU) — as a generator: it yields its trial t, an engine call evaluates the trial
 point x + t d, and the generator takes its (f, g, g.d) and yields its next t or returns (f, g,
 t, evaluations). The victims are not kept in step (`_solve_group`): a victim whose search
 ends starts its next step at once, so each round's ONE engine call carries every victim still
@@ -64,6 +64,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -221,16 +222,118 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _strong_wolfe(t, f: float, g: torch.Tensor, gtd: torch.Tensor, d_norm: torch.Tensor, max_ls: int,
+class _Scalar:
+    """A 0-d CPU tensor of one floating dtype as far as torch's `_strong_wolfe` and
+    `_cubic_interpolate` use one (arithmetic with Python numbers and with each other,
+    comparisons, abs, ** 2, sqrt, float), without the tensor: a torch operation on a 0-d tensor
+    costs microseconds, a search makes dozens per trial point, and on a GPU every `if` on a 0-d
+    tensor waits for the device. The value is a NumPy scalar of the dtype and every operation
+    rounds as torch's CPU kernels do: a Python number operand is cast to the dtype first (a
+    wrapped number does not promote a tensor), `number / tensor` is `tensor.reciprocal() *
+    number` (torch's `Tensor.__rdiv__`), `tensor ** 2` is `tensor * tensor` (torch's pow kernel
+    for exponent 2), and sqrt is torch's own (MKL's, not always correctly rounded: 0.5% of
+    values differ from IEEE's in their last bit). `tests/test_lbfgs.py` runs torch's own `_strong_wolfe` on 0-d tensors
+    against ours on these, bit for bit. (On a GPU torch's own kernels may round a last bit
+    otherwise; the batched solver's decisions are those of the CPU rules.)"""
+
+    __slots__ = ("value",)
+    kind: type = np.float32
+    dtype: torch.dtype = torch.float32
+
+    def __init__(self, value) -> None:
+        self.value = self.kind(value)
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> type[_Scalar]:
+        """The scalar type of `dtype` (float32 or float64)."""
+        return {torch.float32: _Float32, torch.float64: _Float64}[dtype]
+
+    def _operand(self, other):
+        return other.value if isinstance(other, _Scalar) else self.kind(other)
+
+    def _new(self, value) -> _Scalar:
+        scalar = object.__new__(type(self))
+        scalar.value = value
+        return scalar
+
+    def __add__(self, other):
+        return self._new(self.value + self._operand(other))
+
+    def __radd__(self, other):
+        return self._new(self._operand(other) + self.value)
+
+    def __sub__(self, other):
+        return self._new(self.value - self._operand(other))
+
+    def __rsub__(self, other):
+        return self._new(self._operand(other) - self.value)
+
+    def __mul__(self, other):
+        return self._new(self.value * self._operand(other))
+
+    def __rmul__(self, other):
+        return self._new(self._operand(other) * self.value)
+
+    def __truediv__(self, other):
+        return self._new(self.value / self._operand(other))
+
+    def __rtruediv__(self, other):  # torch: self.reciprocal() * other
+        return self._new((self.kind(1) / self.value) * self._operand(other))
+
+    def __pow__(self, exponent):
+        if exponent != 2:
+            raise NotImplementedError("only ** 2 (torch's kernel multiplies) is used")
+        return self._new(self.value * self.value)
+
+    def __neg__(self):
+        return self._new(-self.value)
+
+    def __abs__(self):
+        return self._new(abs(self.value))
+
+    def sqrt(self):
+        return self._new(self.kind(torch.tensor(float(self.value), dtype=self.dtype).sqrt().item()))
+
+    def __lt__(self, other) -> bool:
+        return bool(self.value < self._operand(other))
+
+    def __le__(self, other) -> bool:
+        return bool(self.value <= self._operand(other))
+
+    def __gt__(self, other) -> bool:
+        return bool(self.value > self._operand(other))
+
+    def __ge__(self, other) -> bool:
+        return bool(self.value >= self._operand(other))
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({float(self.value)!r})"
+
+
+class _Float32(_Scalar):
+    __slots__ = ()
+    kind, dtype = np.float32, torch.float32
+
+
+class _Float64(_Scalar):
+    __slots__ = ()
+    kind, dtype = np.float64, torch.float64
+
+
+def _strong_wolfe(t, f: float, g: torch.Tensor, gtd: _Scalar, d_norm: _Scalar, max_ls: int,
                   c1: float = 1e-4, c2: float = 0.9, tolerance_change: float = TOLERANCE_CHANGE):
     """torch's `_strong_wolfe` (torch/optim/lbfgs.py) for ONE victim, as a generator: it yields
     each trial step t and is sent back (f_new, g_new, gtd_new) — the loss (a Python float, as
     torch's `float(closure())`), the flat gradient and g_new.d (a 0-d tensor) at x + t d — so a
     driver can evaluate every victim's trial point in one batched call. Statement for
     statement torch's code, on the same types (f Python floats, t a Python number or a 0-d
-    tensor, gtd 0-d tensors), with torch's `_cubic_interpolate`; d enters only through
-    d_norm = max|d| (the evaluations are the driver's). Returns (f_new, g_new, t,
-    ls_func_evals, zoom_evals) — torch's four, and how many evaluations the zoom phase made."""
+    tensor, gtd 0-d tensors; here `_Scalar`s stand for the 0-d tensors and round as they do),
+    with torch's `_cubic_interpolate`; d enters only through d_norm = max|d| (the evaluations
+    are the driver's). Returns (f_new, g_new, t, ls_func_evals, zoom_evals) — torch's four, and
+    how many evaluations the zoom phase made."""
     f_new, g_new, gtd_new = yield t
     ls_func_evals = 1
     zoom_evals = 0
@@ -553,6 +656,7 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
     dim = x.shape[1]
     lr = float(config.lr)
     max_ls = config.line_search_evals
+    scalar = _Scalar.of(x.dtype)  # the search's 0-d tensors
 
     # Each victim's state, updated in place row by row (every row handed to a search generator
     # is a copy or a row of an engine call's output, never a view of these).
@@ -656,13 +760,15 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
         which = step.nonzero().squeeze(1)
         moving = rows[which]
         if config.line_search:  # torch's _strong_wolfe, one generator per victim
-            d_norm = row_d[which].abs().amax(1)
-            losses_at_x = f[moving].tolist()
+            d_norms = row_d[which].abs().amax(1).tolist()
+            losses_at_x, gtds, starts = f[moving].tolist(), gtd[which].tolist(), start[which].tolist()
             firsts, small = first[which].tolist(), (inverse[which] < 1.0).tolist()
-            for j, k in enumerate(moving.tolist()):
+            grad_rows = grad.unbind(0)
+            for j, (k, row) in enumerate(zip(moving.tolist(), which.tolist())):
                 # torch: min(1.0, 1 / |g|_1) * lr on the first step, a tensor or a float
-                begin_t = start[which[j]] if firsts[j] and small[j] else 1.0 * lr
-                searches[k] = _strong_wolfe(begin_t, losses_at_x[j], grad[which[j]], gtd[which[j]], d_norm[j], max_ls)
+                begin_t = scalar(starts[j]) if firsts[j] and small[j] else 1.0 * lr
+                searches[k] = _strong_wolfe(begin_t, losses_at_x[j], grad_rows[row], scalar(gtds[j]),
+                                            scalar(d_norms[j]), max_ls)
                 trials[k] = next(searches[k])
         else:
             x_new = x[moving] + row_t[which].unsqueeze(1) * row_d[which]
@@ -721,18 +827,19 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
         losses, grads = evaluate(points, None if len(pending) == count else index)
         gtd_new = _dot(grads, d[index])
         # 3. the results to their victims
-        values = zip(losses.tolist(), grads.unbind(0), gtd_new.unbind(0))
+        values = zip(losses.tolist(), grads.unbind(0), map(scalar, gtd_new.tolist()))
         fresh = []
-        for position, (k, value) in enumerate(zip(pending, values)):
-            evaluations[k] += 1
-            if k in trials:
-                try:
-                    trials[k] = searches[k].send(value)
-                except StopIteration as end:
-                    del trials[k]
-                    ended[k] = end.value
-            else:
-                fresh.append(position)
+        with np.errstate(all="ignore"):  # the searches' arithmetic: inf and nan without a word, as torch's
+            for position, (k, value) in enumerate(zip(pending, values)):
+                evaluations[k] += 1
+                if k in trials:
+                    try:
+                        trials[k] = searches[k].send(value)
+                    except StopIteration as end:
+                        del trials[k]
+                        ended[k] = end.value
+                else:
+                    fresh.append(position)
         if fresh:
             where = torch.tensor(fresh, dtype=torch.long, device=device)
             rows = index[where]
