@@ -290,7 +290,8 @@ def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypat
     one's own pairs from its own ring position), yet each follows exactly the trajectory it
     follows alone — bit for bit, once the engine and the row-wise dot products give each
     victim the same rounding whatever the others in the call (here: one engine call per
-    victim; torch.linalg.vecdot). A history of 3 wraps around at different rounds."""
+    victim; torch.linalg.vecdot). A history of 3 wraps around at different rounds; the two-loop
+    recursion gathers the pairs of all ranks at once or one rank at a time, alike."""
     original = lbfgs._Evaluator.__call__
 
     def one_at_a_time(self, points, index):
@@ -306,6 +307,10 @@ def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypat
     together = lbfgs_matching(target, config, seeds=seeds, max_iterations=8, labels=target.labels)
     per_victim = lbfgs.last_run["victim_evaluations"]
     assert min(per_victim) < max(per_victim) / 2  # out of step
+    with monkeypatch.context() as patch:  # the two-loop recursion gathering one rank at a time
+        patch.setattr(lbfgs._History, "GATHER_MEMORY", 1)
+        blocks = lbfgs_matching(target, config, seeds=seeds, max_iterations=8, labels=target.labels)
+    assert torch.equal(blocks.images, together.images) and blocks.final_loss == together.final_loss
     for k in range(4):
         own = {n: g[k:k + 1] for n, g in target.shared_gradient.items()}
         alone_target = Target(net=target.net, shared_gradient=own, input_shape=target.input_shape,

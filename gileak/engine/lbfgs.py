@@ -248,63 +248,80 @@ class _Scalar:
         """The scalar type of `dtype` (float32 or float64)."""
         return {torch.float32: _Float32, torch.float64: _Float64}[dtype]
 
-    def _operand(self, other):
-        return other.value if isinstance(other, _Scalar) else self.kind(other)
-
-    def _new(self, value) -> _Scalar:
-        scalar = object.__new__(type(self))
-        scalar.value = value
-        return scalar
-
+    # Each operation written out (no helper calls): a search makes ~20 of them per trial point.
     def __add__(self, other):
-        return self._new(self.value + self._operand(other))
+        result = object.__new__(type(self))
+        result.value = self.value + (other.value if isinstance(other, _Scalar) else self.kind(other))
+        return result
 
     def __radd__(self, other):
-        return self._new(self._operand(other) + self.value)
+        result = object.__new__(type(self))
+        result.value = self.kind(other) + self.value
+        return result
 
     def __sub__(self, other):
-        return self._new(self.value - self._operand(other))
+        result = object.__new__(type(self))
+        result.value = self.value - (other.value if isinstance(other, _Scalar) else self.kind(other))
+        return result
 
     def __rsub__(self, other):
-        return self._new(self._operand(other) - self.value)
+        result = object.__new__(type(self))
+        result.value = self.kind(other) - self.value
+        return result
 
     def __mul__(self, other):
-        return self._new(self.value * self._operand(other))
+        result = object.__new__(type(self))
+        result.value = self.value * (other.value if isinstance(other, _Scalar) else self.kind(other))
+        return result
 
     def __rmul__(self, other):
-        return self._new(self._operand(other) * self.value)
+        result = object.__new__(type(self))
+        result.value = self.kind(other) * self.value
+        return result
 
     def __truediv__(self, other):
-        return self._new(self.value / self._operand(other))
+        result = object.__new__(type(self))
+        result.value = self.value / (other.value if isinstance(other, _Scalar) else self.kind(other))
+        return result
 
     def __rtruediv__(self, other):  # torch: self.reciprocal() * other
-        return self._new((self.kind(1) / self.value) * self._operand(other))
+        result = object.__new__(type(self))
+        result.value = (self.kind(1) / self.value) * self.kind(other)
+        return result
 
     def __pow__(self, exponent):
         if exponent != 2:
             raise NotImplementedError("only ** 2 (torch's kernel multiplies) is used")
-        return self._new(self.value * self.value)
+        result = object.__new__(type(self))
+        result.value = self.value * self.value
+        return result
 
     def __neg__(self):
-        return self._new(-self.value)
+        result = object.__new__(type(self))
+        result.value = -self.value
+        return result
 
     def __abs__(self):
-        return self._new(abs(self.value))
+        result = object.__new__(type(self))
+        result.value = abs(self.value)
+        return result
 
     def sqrt(self):
-        return self._new(self.kind(torch.tensor(float(self.value), dtype=self.dtype).sqrt().item()))
+        result = object.__new__(type(self))
+        result.value = self.kind(torch.tensor(float(self.value), dtype=self.dtype).sqrt().item())
+        return result
 
     def __lt__(self, other) -> bool:
-        return bool(self.value < self._operand(other))
+        return bool(self.value < (other.value if isinstance(other, _Scalar) else self.kind(other)))
 
     def __le__(self, other) -> bool:
-        return bool(self.value <= self._operand(other))
+        return bool(self.value <= (other.value if isinstance(other, _Scalar) else self.kind(other)))
 
     def __gt__(self, other) -> bool:
-        return bool(self.value > self._operand(other))
+        return bool(self.value > (other.value if isinstance(other, _Scalar) else self.kind(other)))
 
     def __ge__(self, other) -> bool:
-        return bool(self.value >= self._operand(other))
+        return bool(self.value >= (other.value if isinstance(other, _Scalar) else self.kind(other)))
 
     def __float__(self) -> float:
         return float(self.value)
@@ -499,28 +516,44 @@ class _Evaluator:
 
 class _History:
     """Each victim's curvature pairs (y, s, 1/ys) — torch's FIFO of `size` pairs, the oldest
-    dropped when a new one arrives — in a ring per victim: victim k's pairs lie in column k of
-    (size, count, D) buffers, its next pair goes to slot pushed[k] % size, its j-th newest is
+    dropped when a new one arrives — in a ring per victim: victim k's pairs lie in row k of
+    (count, size, D) buffers, its next pair goes to slot pushed[k] % size, its j-th newest is
     in slot (pushed[k] - 1 - j) % size. The victims are not in step (see `_solve_group`), so each
     keeps its own position; the two-loop recursion for a subset of victims gathers each one's
-    j-th newest pair into one (n, D) tensor per j (a plain slice where all of them are at the
-    same position). Slots a victim has not filled yet are zeros, masked out."""
+    pairs newest first into (ranks, n, D) blocks, once for both loops where they fit in
+    GATHER_MEMORY (views, no copy, where every victim is at the same position). Slots a victim
+    has not filled yet are zeros, masked out."""
+
+    #: Bytes the two-loop recursion may gather at once (y and s of every rank of a block).
+    GATHER_MEMORY = 256 * 1024**2
 
     def __init__(self, size: int, count: int, dim: int, device) -> None:
         self.size = size
         self.count = count
-        self.dirs = torch.zeros(size, count, dim, device=device)  # y
-        self.stps = torch.zeros(size, count, dim, device=device)  # s
-        self.ro = torch.zeros(size, count, device=device)
+        self.dirs = torch.zeros(count, size, dim, device=device)  # y
+        self.stps = torch.zeros(count, size, dim, device=device)  # s
+        self.ro = torch.zeros(count, size, device=device)
         self.pushed = torch.zeros(count, dtype=torch.long, device=device)  # pairs each victim stored
 
     def push(self, victims: torch.Tensor, y: torch.Tensor, s: torch.Tensor, ro: torch.Tensor) -> None:
         """Store (y, s, ro) (rows in the order of `victims`) as those victims' newest pairs."""
         slot = self.pushed[victims] % self.size
-        self.dirs[slot, victims] = y
-        self.stps[slot, victims] = s
-        self.ro[slot, victims] = ro
+        self.dirs[victims, slot] = y
+        self.stps[victims, slot] = s
+        self.ro[victims, slot] = ro
         self.pushed[victims] += 1
+
+    def _pairs(self, victims: torch.Tensor, pushed: torch.Tensor, ranks: range, aligned: bool):
+        """The victims' y, s and ro of `ranks` (rank 0: the newest), indexed by rank in the
+        block: (n, D), (n, D) and (n,) tensors."""
+        if aligned and victims.numel() == self.count:  # every victim's j-th newest in one slot: views
+            slots = [(int(pushed[0]) - 1 - rank) % self.size for rank in ranks]
+            return ([self.dirs[:, slot] for slot in slots], [self.stps[:, slot] for slot in slots],
+                    [self.ro[:, slot] for slot in slots])
+        offsets = torch.arange(ranks.start, ranks.stop, device=victims.device).unsqueeze(1)
+        slots = (pushed.unsqueeze(0) - 1 - offsets) % self.size  # (ranks, n)
+        rows = victims.unsqueeze(0).expand_as(slots)
+        return self.dirs[rows, slots], self.stps[rows, slots], self.ro[rows, slots]
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         """torch's two-loop recursion, d = -H g, for the victims `victims` (sorted, distinct;
@@ -530,30 +563,27 @@ class _History:
         lengths = pushed.clamp(max=self.size)
         longest = int(lengths.max()) if victims.numel() else 0
         aligned = bool((pushed == pushed[0]).all()) if victims.numel() else True
-        everyone = victims.numel() == self.count
-
-        def pair(rank: int):
-            """Each victim's rank-th newest (y, s, ro)."""
-            if aligned:
-                slot = (int(pushed[0]) - 1 - rank) % self.size
-                if everyone:
-                    return self.dirs[slot], self.stps[slot], self.ro[slot]
-                return (self.dirs[slot].index_select(0, victims), self.stps[slot].index_select(0, victims),
-                        self.ro[slot].index_select(0, victims))
-            slot = (pushed - 1 - rank) % self.size
-            return self.dirs[slot, victims], self.stps[slot, victims], self.ro[slot, victims]
+        per_rank = 2 * victims.numel() * g.shape[1] * g.element_size()
+        block = max(1, min(longest, self.GATHER_MEMORY // max(1, per_rank)))
+        blocks = [range(start, min(start + block, longest)) for start in range(0, longest, block)]
+        kept = None  # the last block gathered, for the second loop to start from
 
         al = []
-        for rank in range(longest):  # newest to oldest
-            y, s, ro = pair(rank)
-            a = torch.where(rank < lengths, _dot(s, q) * ro, 0.0)
-            q.addcmul_(y, a.unsqueeze(1), value=-1)
-            al.append(a)
+        for ranks in blocks:  # newest to oldest
+            kept = (ranks, *self._pairs(victims, pushed, ranks, aligned))
+            _, ys, ss, ros = kept
+            for j, rank in enumerate(ranks):
+                a = torch.where(rank < lengths, _dot(ss[j], q) * ros[j], 0.0)
+                q.addcmul_(ys[j], a.unsqueeze(1), value=-1)
+                al.append(a)
         r = q.mul_(h_diag.unsqueeze(1))
-        for rank in range(longest - 1, -1, -1):  # oldest to newest
-            y, s, ro = pair(rank)
-            be = _dot(y, r) * ro
-            r.addcmul_(s, torch.where(rank < lengths, al[rank] - be, 0.0).unsqueeze(1))
+        for ranks in reversed(blocks):  # oldest to newest
+            _, ys, ss, ros = kept if kept is not None and kept[0] == ranks else (ranks, *self._pairs(
+                victims, pushed, ranks, aligned))
+            for j in range(len(ranks) - 1, -1, -1):
+                rank = ranks[j]
+                be = _dot(ys[j], r) * ros[j]
+                r.addcmul_(ss[j], torch.where(rank < lengths, al[rank] - be, 0.0).unsqueeze(1))
         return r
 
 
