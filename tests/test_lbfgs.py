@@ -288,9 +288,9 @@ def test_victims_run_out_of_step_so_every_engine_call_carries_every_victim_still
 def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypatch):
     """Victims at different iterations share rounds (and the two-loop recursion gathers each
     one's own pairs from its own ring position), yet each follows exactly the trajectory it
-    follows alone — bit for bit, once the engine and the row-wise dot products give each
-    victim the same rounding whatever the others in the call (here: one engine call per
-    victim; torch.linalg.vecdot). A history of 3 wraps around at different rounds; the two-loop
+    follows alone — bit for bit, once the engine gives each victim the same rounding whatever
+    the others in the call (here: one engine call per victim; the solver's row-wise dot
+    products reduce each row alone). A history of 3 wraps around at different rounds; the two-loop
     recursion gathers the pairs of all ranks at once or one rank at a time, alike."""
     original = lbfgs._Evaluator.__call__
 
@@ -300,7 +300,6 @@ def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypat
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     monkeypatch.setattr(lbfgs._Evaluator, "__call__", one_at_a_time)
-    monkeypatch.setattr(lbfgs, "_dot", torch.linalg.vecdot)
     target, _ = cnn_target(n=4)
     config = LBFGSConfig(minmax=False, history=3)
     seeds = [0, 1, 2, 3]

@@ -218,8 +218,10 @@ def _stochastic(net: nn.Module) -> bool:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of two (n, D) tensors."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Row-wise dot products of two (n, D) tensors: each row reduced alone, so a victim's
+    products do not depend on the others in the call (a batched matrix product of n 1 x D x 1
+    products — as before — took 5-10x as long on a CPU and rounded by the batch's size)."""
+    return torch.linalg.vecdot(a, b)
 
 
 class _Scalar:
