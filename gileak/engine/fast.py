@@ -263,10 +263,10 @@ class FactoredMatching:
     def step(self, images: torch.Tensor, labels: torch.Tensor, shared: tuple[torch.Tensor, ...],
              index: torch.Tensor | None = None):
         laid_out, squares = self._prepare(shared)
-        if index is not None:
-            images, labels = images[index], labels[index]
-            laid_out = {n: tuple(t[index] for t in s) for n, s in laid_out.items()}
-            squares = {n: s[index] for n, s in squares.items()}
+        if index is not None:  # index_select: 1.5-4x as fast as t[index] on a CPU
+            images, labels = images.index_select(0, index), labels.index_select(0, index)
+            laid_out = {n: tuple(t.index_select(0, index) for t in s) for n, s in laid_out.items()}
+            squares = {n: s.index_select(0, index) for n, s in squares.items()}
         if self.chain is not None:
             return self._chain_step(images.detach(), labels, laid_out, squares)
         count = images.shape[0]
