@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 def compute_cell(spec_json: str, index: int, attack_labels: list[str], device: str, lpips_available: bool,
-                 threads: int | None = None, debug: bool = False):
-    """Run one planned cell's `attack_labels` on `device`; returns its `CellOutcome`."""
+                 threads: int | None = None, debug: bool = False, engines: dict | None = None):
+    """Run one planned cell's `attack_labels` on `device`; returns its `CellOutcome`. `engines`:
+    the run directory's cached engine choices, as the driver read them at submission."""
     import torch
 
     from gileak.runner import execute_cell, plan
@@ -31,7 +32,7 @@ def compute_cell(spec_json: str, index: int, attack_labels: list[str], device: s
     spec = BenchSpec.model_validate_json(spec_json)
     cell = plan(spec).cells[index]
     attacks = [a for a in cell.attacks if a.label in attack_labels]
-    return execute_cell(cell, spec, device, attacks, lpips_available=lpips_available, debug=debug)
+    return execute_cell(cell, spec, device, attacks, lpips_available=lpips_available, debug=debug, engines=engines)
 
 
 def _persist(runner: Runner, index: int, get, attacks) -> None:
@@ -71,7 +72,7 @@ def run_pool(runner: Runner, lpips_available: bool, devices: list[str]) -> None:
                 device = free.pop(0)
                 runner.store.mark_running(cell_id(runner.plan.cells[index]))
                 future = pool.submit(compute_cell, spec_json, index, [a.label for a in attacks], device,
-                                     lpips_available, threads, runner.debug)
+                                     lpips_available, threads, runner.debug, runner.engines())
                 futures[future] = (index, attacks, device)
 
         submit()
@@ -123,7 +124,7 @@ def run_ray(runner: Runner, lpips_available: bool) -> None:
         for index, attacks in runner.todo:
             runner.store.mark_running(cell_id(runner.plan.cells[index]))
             ref = task.remote(spec_json, index, [a.label for a in attacks], device, lpips_available,
-                              None if gpus else threads, runner.debug)
+                              None if gpus else threads, runner.debug, runner.engines())
             refs[ref] = (index, attacks)
         runner.describe(f"{len(refs)} cell(s) as Ray tasks ({'1 GPU' if gpus else f'{threads} CPU'} each)")
         while refs:

@@ -187,6 +187,10 @@ class AttackOutcome:
     originals: Any = None  # (N, C, H, W) cpu tensors for the figure
     reconstructions: Any = None
     trace: Any = None  # base.GradientTrace
+    #: The engine it ran on (gileak.engine.choice.EngineChoice.as_dict); stored in the result's
+    #: env as "engine".
+    engine: dict[str, Any] = field(default_factory=dict)
+    engine_key: str = ""  # its key in the run directory's engine cache
 
 
 @dataclass(kw_only=True)
@@ -235,18 +239,29 @@ def _reason(error: BaseException, debug: bool = False) -> str:
     return text
 
 
+def engine_key(cell: TrainingCell, attack: str, victims: int, device: str) -> str:
+    """The key of an attack's engine choice in the run directory's cache: the cell's components
+    without its seed (every seed of a group runs on the engine the first one chose)."""
+    from gileak.engine.choice import cache_key
+
+    return cache_key(cell_id(cell).rpartition(" | seed=")[0], attack, victims, device)
+
+
 def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list[Resolved], *,
                  splits: Callable | None = None, lpips_available: bool = False,
                  advance: Callable[[int], None] | None = None, describe: Callable[[str], None] | None = None,
                  on_attack: Callable[[CellOutcome, AttackOutcome], None] | None = None,
-                 debug: bool = False) -> CellOutcome:
+                 debug: bool = False, engines: dict[str, Any] | None = None) -> CellOutcome:
     """Train one cell (when --rounds > 0) and run `attacks` on its victims. Pure computation: it
     writes nothing, so it runs the same in this process, a worker process or a Ray task.
     `on_attack` is called as each attack finishes. A failure of the training or the victims'
-    step fails every attack of the cell; a failing attack fails alone."""
+    step fails every attack of the cell; a failing attack fails alone. `engines`: engine choices
+    already made (the run directory's cache); the others are made here by a probe
+    (gileak.engine.choice) and come back in each AttackOutcome for the driver to cache."""
     import torch
 
     from gileak import data, fl, metrics
+    from gileak.engine import choice as engine_choice
     from gileak.nets import count_trainable
     from gileak.store import VictimRecord, environment
     from gileak.threat import Target, shared_gradients
@@ -334,13 +349,20 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
             advance(n)
 
         aid = attack_id(attack)
+        key = engine_key(cell, aid, len(victim_idx), device)
         try:
-            torch.manual_seed(_attack_seed(cell.seed, aid))
             target = Target(net=net, shared_gradient=gradients, input_shape=input_shape,
                             num_classes=num_classes, labels=labels, trace=spec.trace)
             seeds = [_victim_seed(cell.seed, i) for i in range(len(victim_idx))]
-            reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
-                                                     progress=progress)
+            chosen = engine_choice.choose(attack.component, target, seeds, (engines or {}).get(key))
+            chosen.seconds = time.perf_counter() - started
+            started = time.perf_counter()  # the attack's time is the attack's, the probe's is the choice's
+            describe(f"{cell.dataset.label} | {cell.model.label} | {cell.defense.label} | {attack.label} | "
+                     f"seed {cell.seed} ({chosen.engine})")
+            torch.manual_seed(_attack_seed(cell.seed, aid))  # after the probe: the attack draws as if alone
+            with engine_choice.use(chosen.forced):
+                reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
+                                                         progress=progress)
             seconds = time.perf_counter() - started
             originals = victims.detach().cpu()
             recon = reconstruction.images.clamp(0, 1)
@@ -357,7 +379,8 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
                                 _finite(float(reconstruction.final_loss[i])))
                    for i in range(len(ssim))]
         finish(AttackOutcome(aid, attack.label, "ok", note=reconstruction.note, seconds=seconds, victims=records,
-                             originals=originals, reconstructions=recon, trace=reconstruction.trace))
+                             originals=originals, reconstructions=recon, trace=reconstruction.trace,
+                             engine=chosen.as_dict(), engine_key=key))
     return outcome
 
 
@@ -486,8 +509,15 @@ class Runner:
             self.store.mark_running(cid)
             execute_cell(cell, self.spec, device, attacks, splits=splits, lpips_available=lpips_available,
                          advance=self.advance, describe=self.describe, debug=self.debug,
-                         on_attack=lambda outcome, result, i=index: self.persist(i, outcome, result))
+                         on_attack=lambda outcome, result, i=index: self.persist(i, outcome, result),
+                         engines=self.engines())
             self.store.clear_running(cid)
+
+    def engines(self) -> dict[str, Any]:
+        """The engine choices cached in the run directory (gileak.engine.choice)."""
+        from gileak.engine.choice import load
+
+        return load(self.out)
 
     def persist(self, index: int, outcome: CellOutcome, result: AttackOutcome) -> None:
         """Store one finished attack (one transaction) and write its figure and trace files."""
@@ -510,10 +540,17 @@ class Runner:
                     from gileak.report.figures import save_trace
 
                     self.traces += save_trace(result.trace, self.out / "traces" / slug, " | ".join(key))
+        facts = outcome.facts()
+        if result.engine:  # the engine each result ran on, for reports: env["engine"]
+            facts["env"] = {**facts["env"], "engine": result.engine}
+            if result.engine.get("how") == "probe" and result.engine_key:
+                from gileak.engine.choice import EngineChoice, remember
+
+                remember(self.out, result.engine_key, EngineChoice.from_dict(result.engine))
         self.store.put(StoredResult(
             cell=cell_id(cell), attack=result.attack, dataset=key[0], model=key[1], defense=key[2],
             seed=cell.seed, attack_label=key[3], position=position, status=result.status, error=result.error,
-            note=note, seconds=result.seconds, victims=result.victims, **outcome.facts(),
+            note=note, seconds=result.seconds, victims=result.victims, **facts,
         ))
 
     def _group_position(self, cell: TrainingCell) -> int:

@@ -72,6 +72,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.optim.lbfgs import _cubic_interpolate
 
 from gileak.base import Reconstruction
+from gileak.engine import choice
 from gileak.engine.matching import (MatchingConfig, factored_engine, initial_images, make_victim_loss, minmax_scale,
                                     vmap_chunk)
 from gileak.nets import batch_statistics_only, is_stochastic
@@ -128,12 +129,15 @@ def lbfgs_matching(
     progress: Callable[[int], None] | None = None,
 ) -> Reconstruction:
     """Reconstruct every victim by L-BFGS on the gradient distance (+ CPL's label term)."""
+    config = choice.applied(config)  # an engine the runner chose (gileak.engine.choice)
     if len(seeds) != target.num_victims:
         raise ValueError(f"{len(seeds)} seeds for {target.num_victims} victims")
     if labels is None and not config.optimise_labels:
         raise ValueError("labels are needed unless they are optimised")
     if config.line_search_evals < 0:
         raise ValueError("line_search_evals must be at least 0")
+    if not config.vectorized:
+        choice.record("loop")
     solve = _lbfgs_batched if config.vectorized else _lbfgs_loop
     return solve(target, config, seeds, max_iterations, labels, progress)
 
@@ -458,6 +462,7 @@ class _Evaluator:
         # forward (every model the factored engine supports acts on each sample alone).
         self.fast = None if config.optimise_labels else factored_engine(target, matching, self.victim_loss)
         self.engine = "factored" if self.fast is not None else "vmap"
+        choice.record(self.engine if self.fast is None or self.fast.chain is None else "chain")
         self.batched = vmap(grad_and_value(self._objective), randomness="different",
                             chunk_size=vmap_chunk(target, num_victims))
         self.calls = 0

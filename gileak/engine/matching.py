@@ -173,6 +173,9 @@ def gradient_matching(
     progress: Callable[[int], None] | None = None,
 ) -> Reconstruction:
     """Reconstruct all of target's victims by matching their shared gradients."""
+    from gileak.engine import choice
+
+    config = choice.applied(config)  # an engine the runner chose (gileak.engine.choice)
     device = target.device
     num_victims = target.num_victims
     if len(seeds) != num_victims:
@@ -195,6 +198,8 @@ def gradient_matching(
     step = grad_and_value(victim_loss, has_aux=True)
     batched_step = vmap(step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
     fast = factored_engine(target, config, victim_loss)
+    choice.record(("chain" if fast.chain is not None else "factored") if fast is not None
+                  else "vmap" if config.vectorized else "loop")
 
     for _ in range(max_iterations):
         if not bool(active.any()):

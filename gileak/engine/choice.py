@@ -1,0 +1,208 @@
+"""Which engine runs an attack: the batched one or the per-victim loop, whichever is faster for
+this model, defense, attack, number of victims and device — by rule where measurements settle it,
+else by a short probe whose verdict the runner caches in the run directory (`engines.json`).
+
+Both engines are exact: the loop is the reference the batched engine is tested against (equal
+up to float summation order), so the choice changes how long a cell takes, not what it
+computes. Rules (docs/performance.md has the measurements): where the batched engine runs the
+factored step ("chain" or "factored": Conv2d / Linear stacks) it is 2.4x the loop at one victim
+and 13-37x at 128 on a 2-core CPU, so it is taken without a probe; with one victim the vmap
+engine gains nothing over the loop (0.8-1.0x) and the loop is taken. Everything else (vmap:
+batch norm, attention, DLG's optimised labels) is probed: a few timed iterations of the batched
+engine on up to two vmap chunks of the victims (a chunk's cost is linear in its victims) against
+the loop on one victim (its cost is linear in the victims). `GILEAK_ENGINE=batched|loop` in the
+environment overrides both."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("batched", "loop")
+CACHE_FILE = "engines.json"
+#: Iterations each probe times (after a one-iteration warm-up), per engine.
+PROBE_ITERATIONS = 2
+
+_forced: ContextVar[str | None] = ContextVar("gileak_engine", default=None)
+_seen: ContextVar[list[str] | None] = ContextVar("gileak_engine_seen", default=None)
+
+
+@dataclass
+class EngineChoice:
+    """engine: "batched", "loop", or "own" (the attack runs on none of gileak's engines);
+    path: what the batched engine computes a step with ("chain", "factored", "vmap"; "" when
+    unknown); how: "rule", "probe", "cache" or "GILEAK_ENGINE"; reason: one line for people;
+    rates: victim-iterations per second the probe measured, by engine; seconds: what choosing
+    took (the probe's runs; set by the runner)."""
+
+    engine: str
+    path: str = ""
+    how: str = "rule"
+    reason: str = ""
+    rates: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def forced(self) -> str | None:
+        """The engine to force on the attack (None: leave it as it is)."""
+        return self.engine if self.engine in ENGINES else None
+
+    def label(self) -> str:
+        """Short text for tables: "batched (chain)", "loop (probe)"."""
+        detail = self.path if self.engine == "batched" and self.path else self.how
+        return f"{self.engine} ({detail})" if detail else self.engine
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineChoice:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@contextmanager
+def use(engine: str | None) -> Iterator[None]:
+    """Run the engines' attacks inside on `engine` ("batched", "loop"; None: as configured)."""
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
+    token = _forced.set(engine)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def applied(config):
+    """`config` (a MatchingConfig or LBFGSConfig) with the engine forced by `use`, if any."""
+    engine = _forced.get()
+    if engine is None or config.vectorized == (engine == "batched"):
+        return config
+    return dataclasses.replace(config, vectorized=engine == "batched")
+
+
+def record(path: str) -> None:
+    """Called by the engines with the path a run takes ("chain", "factored", "vmap", "loop")."""
+    seen = _seen.get()
+    if seen is not None:
+        seen.append(path)
+
+
+@contextmanager
+def _watching() -> Iterator[list[str]]:
+    seen: list[str] = []
+    token = _seen.set(seen)
+    try:
+        yield seen
+    finally:
+        _seen.reset(token)
+
+
+def _subset(target, count: int):
+    """The first `count` victims of `target`."""
+    labels = None if target.labels is None else target.labels[:count]
+    return dataclasses.replace(target, shared_gradient={n: g[:count] for n, g in target.shared_gradient.items()},
+                               labels=labels)
+
+
+def _timed_run(attack, target, seeds, iterations: int) -> tuple[float, list[str]]:
+    import torch
+
+    with _watching() as seen:
+        if target.device.type == "cuda":
+            torch.cuda.synchronize(target.device)
+        started = time.perf_counter()
+        attack.attack(target, seeds=seeds, max_iterations=iterations)
+        if target.device.type == "cuda":
+            torch.cuda.synchronize(target.device)
+        return time.perf_counter() - started, list(seen)
+
+
+def _rate(attack, target, seeds, engine: str) -> float:
+    """Victim-iterations per second of `attack` on `engine`: a warm-up run of one iteration,
+    then the difference of a (1 + PROBE_ITERATIONS)- and a 1-iteration run (setup excluded)."""
+    with use(engine):
+        _timed_run(attack, target, seeds, 1)
+        once, _ = _timed_run(attack, target, seeds, 1)
+        more, _ = _timed_run(attack, target, seeds, 1 + PROBE_ITERATIONS)
+    return PROBE_ITERATIONS * len(seeds) / max(more - once, 1e-9)
+
+
+def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None) -> EngineChoice:
+    """The engine for `attack` on `target`'s victims (`known`: a cached choice, taken as it
+    is). Runs the attack itself for a few iterations on a few victims where it probes; the
+    global RNG is not restored (the runner seeds each attack afterwards)."""
+    override = os.environ.get("GILEAK_ENGINE", "").strip().lower()
+    if override:
+        if override not in ENGINES:
+            from gileak.errors import UserInputError
+
+            raise UserInputError(f"GILEAK_ENGINE={override!r}: use one of {', '.join(ENGINES)} (or unset it)")
+        return EngineChoice(override, how="GILEAK_ENGINE", reason=f"GILEAK_ENGINE={override}")
+    if known:
+        cached = EngineChoice.from_dict(known)
+        cached.how = "cache" if cached.how == "probe" else cached.how
+        cached.seconds = 0.0
+        return cached
+    count = len(seeds)
+    few = min(count, 2)
+    with use("batched"):
+        _, paths = _timed_run(attack, _subset(target, few), seeds[:few], 1)
+    batched_paths = [p for p in paths if p != "loop"]
+    if not paths:
+        return EngineChoice("own", how="rule", reason="the attack runs on none of gileak's engines")
+    path = batched_paths[0] if batched_paths else ""
+    if path in ("chain", "factored"):
+        return EngineChoice("batched", path, "rule", "the factored step: 2.4x the loop at one victim, 13-37x at "
+                            "128 on a 2-core CPU")
+    if count == 1:
+        return EngineChoice("loop", path, "rule", "one victim: vmap gains nothing over the loop (0.8-1.0x)")
+    from gileak.engine.matching import vmap_chunk
+
+    chunk = vmap_chunk(target, count) or count
+    probed = min(count, max(2, 2 * chunk))
+    batched = _rate(attack, _subset(target, probed), seeds[:probed], "batched")
+    loop = _rate(attack, _subset(target, 1), seeds[:1], "loop")
+    engine = "batched" if batched >= loop else "loop"
+    return EngineChoice(engine, path, "probe",
+                        f"probe: batched {batched:.3g} victim-iterations/s on {probed} victims, loop {loop:.3g}",
+                        {"batched": batched, "loop": loop})
+
+
+def cache_key(cell: str, attack: str, victims: int, device: str) -> str:
+    """What a cached choice is valid for: the cell without its seed (dataset, model, defense
+    by full parameters), the attack by full parameters, the number of victims and the device."""
+    return f"{cell} | {attack} | victims={victims} | device={device}"
+
+
+def load(run_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """The run directory's cached choices ({} when there are none or the file is unreadable:
+    the engines are then probed again, which costs time, not correctness)."""
+    if run_dir is None:
+        return {}
+    try:
+        data = json.loads((Path(run_dir) / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("engine") in (*ENGINES, "own")}
+
+
+def remember(run_dir: Path, key: str, choice: EngineChoice) -> None:
+    """Add a probed choice to the run directory's cache (written whole to a temporary file and
+    renamed: a reader never sees half a file; the driver alone writes it)."""
+    run_dir = Path(run_dir)
+    data = load(run_dir)
+    data[key] = choice.as_dict()
+    temporary = run_dir / f".{CACHE_FILE}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(temporary, run_dir / CACHE_FILE)
