@@ -7,7 +7,10 @@ on eight victims (seconds per victim-iteration; every iterative attack takes one
 iteration, so the analytic attack's cost is overstated); an L-BFGS attack (dlg, idlg, cpl),
 whose iterations take one or more steps (its line search), is probed on its own solver over its
 first iterations — later ones search longer (for the paper CNN, 2 evaluations per iteration at
-first, 3.7 on average over 20), so read its figure as a lower bound. The figures scale to the plan's
+first, 3.7 on average over 20), so read its figure as a lower bound. Each attack's engine is
+chosen as the run will choose it (gileak.engine.choice: by rule, from the run directory's cache
+when it has one, else by the same probe on the plan's number of victims); where that is the
+per-victim loop, its probed rate prices the attack. The figures scale to the plan's
 budget and are upper bounds in one sense — attacks stop on a plateau and training on patience
 before their caps — and rough in others: a batched attack gets cheaper per victim as victims
 grow, and DP-SGD training (per-sample gradients) costs more than the plain step probed here.
@@ -19,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gileak.engine import choice
 from gileak.errors import GileakError
 
 
@@ -29,6 +33,8 @@ class GroupEstimate:
     defense: str
     train_seconds: float | None = None
     attack_seconds: dict[str, float | None] = field(default_factory=dict)
+    #: The engine each attack will run on (gileak.engine.choice.EngineChoice), by attack label.
+    engines: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -118,7 +124,17 @@ def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 
         except Exception as e:  # a model or defense the probe cannot step: say so, estimate the rest
             found.notes.append(f"attack cost not probed: {type(e).__name__}: {e}")
             per_iteration = None
+        engines_known = choice.load(spec.out)
         for attack in cell.attacks:
+            try:
+                found.engines[attack.label] = chosen = _engine_choice(
+                    cell, attack, net, info, input_shape, spec.victims, device, engines_known)
+            except Exception as e:  # noqa: BLE001 — the run will probe again; say so, estimate the rest
+                found.notes.append(f"{attack.label}: engine not chosen ({type(e).__name__}: {e})")
+                chosen = None
+            if chosen is not None and chosen.engine == "loop" and chosen.rates.get("loop"):
+                found.attack_seconds[attack.label] = spec.victims * spec.iterations * spec.seeds / chosen.rates["loop"]
+                continue
             seconds = per_iteration
             if per_iteration is not None and hasattr(attack.component, "lbfgs_config"):
                 try:
@@ -130,6 +146,22 @@ def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 
             found.attack_seconds[attack.label] = (None if seconds is None else
                                                   seconds * spec.victims * spec.iterations * spec.seeds)
     return estimates
+
+
+def _engine_choice(cell, attack, net, info, input_shape, victims: int, device: str, known: dict):
+    """The engine `attack` will run on in this cell (as the runner chooses it), probed on
+    `victims` random victims of the defended model."""
+    import torch
+
+    from gileak.runner import attack_id, engine_key
+
+    cached = known.get(engine_key(cell, attack_id(attack), victims, device))
+    images = torch.rand(victims, *input_shape, device=device)
+    labels = torch.randint(info.num_classes, (victims,), device=device)
+    net.train()
+    target = _probe_target(net, cell.defense.component, images, labels, input_shape, info.num_classes)
+    with torch.random.fork_rng(devices=[device] if str(device).startswith("cuda") else []):
+        return choice.choose(attack.component, target, list(range(victims)), cached)
 
 
 def _lbfgs_step_seconds(net, defense, attack, victims, labels, input_shape, num_classes, steps: int) -> float:

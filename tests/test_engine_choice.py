@@ -152,3 +152,14 @@ def test_the_probe_leaves_no_trace_in_the_results(capsys, tmp_path, monkeypatch)
     assert run(capsys, "bench", *args, str(tmp_path / "b.json"), "--out", str(tmp_path / "b"))[0] == 0
     rows = [json.loads((tmp_path / f"{name}.json").read_text())[0] for name in "ab"]
     assert rows[0]["ssim_mean"] == rows[1]["ssim_mean"] and rows[0]["mse_mean"] == rows[1]["mse_mean"]
+
+
+def test_the_dry_run_shows_each_attacks_engine_and_writes_no_cache(capsys, tmp_path):
+    out = tmp_path / "never"
+    code, text, err = run(capsys, "bench", "--dry-run", "--datasets", "digits", "--models", "cnn,mlp(width=16)",
+                          "--defenses", "none,cvb", "--attacks", "ig", "--victims", "3", "--iterations", "10",
+                          "--out", out)
+    assert code == 0, err
+    assert "Engine per attack" in text and "batched (chain)" in text and "batched (factored)" in text  # cnn, cnn + cvb
+    assert "engine digits | mlp(width=16) | none | ig:" in " ".join(text.split())  # probed: its reason is shown
+    assert not out.exists()

@@ -178,10 +178,22 @@ def _dry_run(bench_spec, console: Console) -> None:
         table.add_row(e.dataset, e.model, e.defense, human(e.train_seconds) if s.rounds else "—",
                       *[human(e.attack_seconds.get(a.label)) for a in s.attacks], human(e.total))
     console.print(table)
+    engines = Table(title=f"Engine per attack on this device ({device}, {s.victims} victims; gileak.engine.choice)",
+                    title_justify="left")
+    for column in ("dataset", "model", "defense", *[a.label for a in s.attacks]):
+        engines.add_column(column)
+    for e in estimates:
+        engines.add_row(e.dataset, e.model, e.defense,
+                        *[e.engines[a.label].label() if a.label in e.engines else "—" for a in s.attacks])
+    console.print(engines)
     console.print(f"Total: about {human(sum(e.total or 0.0 for e in estimates))} on {device}, at most: attacks stop on "
                   "a plateau and training on patience before their caps; batched attacks get cheaper per victim "
                   "as victims grow (probed with 8).")
     for e in estimates:
+        for label, chosen in e.engines.items():
+            if chosen.how in ("probe", "cache"):
+                console.print(f"  [yellow]engine[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)} | "
+                              f"{escape(label)}: {chosen.engine}, {escape(chosen.reason)}", highlight=False)
         for note in dict.fromkeys(e.notes):
             console.print(f"  [yellow]note[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)}: "
                           f"{escape(note)}", highlight=False)
