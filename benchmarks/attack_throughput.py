@@ -3,10 +3,13 @@ path where the model allows it — "chain" where it is a plain Conv2d / Linear /
 stepped without autograd — else vmap), of vmap(grad(...)) alone, and of a per-victim loop;
 and the useful FLOP/s — the FLOPs of one victim's attack step in the original formulation
 (torch.utils.flop_counter on a single-victim, vmap-free step) x victim-iterations per second —
-as a share of a 2048x2048 float32 matmul's FLOP/s measured in the same run.
+as a share of a square float32 matmul's FLOP/s measured in the same run (2048 on a CPU, 8192 on
+a GPU; on a GPU also as a share of the same matmul in TF32, `allow_tf32`, the tensor cores'
+float32 rate). The attack itself runs with PyTorch's precision settings as they are (printed:
+cuDNN convolutions default to TF32 on a GPU, matmuls to strict float32).
 
 Usage: python benchmarks/attack_throughput.py [--models cnn] [--victims 1,8,32,128] [--iterations 20]
-       [--repeats 3] [--attacks ig,idlg] [--device auto]
+       [--repeats 3] [--attacks ig,idlg] [--device auto] [--json rows.json]
 
 `--attacks idlg` adds the L-BFGS family (dlg, idlg and cpl share its solver): victim-iterations/s
 of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed on up to 4 victims over
@@ -55,19 +58,28 @@ def measure(target: Target, labels: torch.Tensor, iterations: int, repeats: int,
     return statistics.median(rates)
 
 
-def matmul_flops(device: str, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a size x size float32 matmul on this machine (best of `repeats`)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
+def matmul_flops(device: str, size: int = 2048, repeats: int = 10, tf32: bool = False) -> float:
+    """FLOP/s of a size x size float32 matmul on this machine (best of `repeats`; on a GPU each
+    timing covers 10 products, launches being asynchronous); `tf32`: with
+    torch.backends.cuda.matmul.allow_tf32 (tensor cores, 10-bit mantissas), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
         a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+        products = 10 if torch.device(device).type == "cuda" else 1
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(products):
+                a @ b
+            _sync(device)
+            best = min(best, (time.perf_counter() - started) / products)
+        return 2 * size**3 / best
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def step_flops(target: Target, labels: torch.Tensor, **matching) -> float:
@@ -143,24 +155,42 @@ def main() -> None:
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
     parser.add_argument("--attacks", default="ig", help="ig (Adam: ig, ignore) and/or idlg (L-BFGS: dlg, idlg, cpl)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on a CPU, 8192 on a GPU")
+    parser.add_argument("--json", default=None, help="also write the rows (and the matmul rates) to this file")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    cuda = torch.device(device).type == "cuda"
+    size = args.matmul_size or (8192 if cuda else 2048)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"input={'x'.join(map(str, INPUT))}")
-    peak = matmul_flops(device)
-    print(f"2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_size": size}
+    if cuda:
+        info.update(gpu=torch.cuda.get_device_name(torch.device(device)),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        print(f"gpu={info['gpu']} attack precision: cudnn.allow_tf32={info['cudnn_allow_tf32']} "
+              f"cuda.matmul.allow_tf32={info['matmul_allow_tf32']}")
+    peak = matmul_flops(device, size)
+    peak_tf32 = matmul_flops(device, size, tf32=True) if cuda else None
+    info.update(matmul_fp32_flops=peak, matmul_tf32_flops=peak_tf32)
+    print(f"{size}x{size} float32 matmul: {peak / 1e9:.1f} GFLOP/s"
+          + (f"; TF32: {peak_tf32 / 1e9:.1f} GFLOP/s" if peak_tf32 else ""))
+    rows = []
     attacks = args.attacks.split(",")
     for model_name in args.models.split(","):
         for attack in attacks:
+            tail = f" {'of TF32':>8}" if cuda else ""
             if attack == "ig":
                 print(f"{'model':>8} {'engine':>9} {'victims':>8} {'batched it/s':>13} {'vmap it/s':>10} "
-                      f"{'loop it/s':>10} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
+                      f"{'loop it/s':>10} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}{tail}")
             elif attack == "idlg":
                 print(f"{'model':>8} {'L-BFGS':>9} {'victims':>8} {'batched it/s':>13} {'evals/it':>10} "
-                      f"{'loop it/s':>10} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}")
+                      f"{'loop it/s':>10} {'ratio':>7} {'useful GFLOP/s':>15} {'of matmul':>10}{tail}")
             else:
                 raise SystemExit(f"--attacks: unknown '{attack}' (use ig, idlg)")
             for count in (int(v) for v in args.victims.split(",")):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(torch.device(device))
                 torch.manual_seed(0)
                 net = MODELS[model_name]().build(INPUT, 10).to(device)
                 images = torch.rand(count, *INPUT, device=device)
@@ -188,8 +218,27 @@ def main() -> None:
                     looped, _ = measure_lbfgs(subset, labels[:few], args.iterations, 1, False)
                     useful = step_flops(target, labels, distance="euclidean", tv_weight=0.0) * evaluations
                     middle = f"{evaluations / batched:>10.2f}"
+                share_tf32 = useful / peak_tf32 if peak_tf32 else None
                 print(f"{model_name:>8} {name:>9} {count:>8} {batched:>13.0f} {middle} {looped:>10.0f} "
-                      f"{batched / looped:>6.1f}x {useful / 1e9:>15.2f} {100 * useful / peak:>9.1f}%", flush=True)
+                      f"{batched / looped:>6.1f}x {useful / 1e9:>15.2f} {100 * useful / peak:>9.1f}%"
+                      + (f" {100 * share_tf32:>7.1f}%" if share_tf32 is not None else ""), flush=True)
+                rows.append({"model": model_name, "attack": attack, "engine": name, "victims": count,
+                             "batched_its": batched, "loop_its": looped, "ratio": batched / looped,
+                             "vmap_its": None if attack != "ig" or args.no_vmap else vmapped,
+                             "evaluations_per_iteration": evaluations / batched if attack == "idlg" else 1.0,
+                             "useful_flops": useful, "share_fp32": useful / peak, "share_tf32": share_tf32,
+                             "peak_memory": torch.cuda.max_memory_allocated(torch.device(device)) if cuda else None})
+                if args.json:  # rewritten after every row: a run cut short keeps what it measured
+                    _write_json(args.json, info, rows)
+    if args.json:
+        _write_json(args.json, info, rows)
+
+
+def _write_json(path: str, info: dict, rows: list[dict]) -> None:
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps({**info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
