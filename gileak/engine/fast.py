@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from gileak.engine.compat import threshold_backward
 from gileak.nets import Slot, aux_loss
 
 #: Leaf modules that act on each sample alone and own no parameters (or, Conv2d/Linear, whose
@@ -376,7 +377,7 @@ class FactoredMatching:
                 else:
                     delta = delta @ weight
             elif op[0] == "relu":
-                delta = torch.ops.aten.threshold_backward(delta, saved[i], 0)
+                delta = threshold_backward(delta, saved[i], 0)
             else:
                 delta = delta.reshape(saved[i])
 
@@ -493,7 +494,7 @@ class FactoredMatching:
                 if own is not None:
                     carry = own if carry is None else carry + own
             elif op[0] == "relu":
-                carry = torch.ops.aten.threshold_backward(carry, saved[i], 0)
+                carry = threshold_backward(carry, saved[i], 0)
             else:
                 carry = carry.flatten(1)
         # ... through the softmax's (symmetric) Jacobian, then back through the forward to the images.
@@ -512,7 +513,7 @@ class FactoredMatching:
                     if ubar is not None:
                         bar = bar.add_((ubar if isinstance(ubar, torch.Tensor) else torch.bmm(*ubar)).squeeze(2))
             elif op[0] == "relu":
-                bar = torch.ops.aten.threshold_backward(bar, saved[i], 0)
+                bar = threshold_backward(bar, saved[i], 0)
             else:
                 bar = bar.reshape(saved[i])
         image_grads = bar

@@ -60,6 +60,7 @@ linear stretch, amplifies a 1-ulp difference of the loss (a batch of 2 vs 1 in a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,10 +70,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from torch.optim.lbfgs import _cubic_interpolate
 
 from gileak.base import Reconstruction
 from gileak.engine import choice
+from gileak.engine.compat import DROPOUT
+from gileak.engine.compat import cubic_interpolate as _cubic_interpolate
 from gileak.engine.matching import (MatchingConfig, factored_engine, initial_images, make_victim_loss, minmax_scale,
                                     vmap_chunk)
 from gileak.nets import batch_statistics_only, is_stochastic
@@ -136,6 +138,8 @@ def lbfgs_matching(
         raise ValueError("labels are needed unless they are optimised")
     if config.line_search_evals < 0:
         raise ValueError("line_search_evals must be at least 0")
+    if config.vectorized and _cubic_interpolate is None:  # a torch without it (gileak.engine.compat)
+        config = dataclasses.replace(config, vectorized=False)
     if not config.vectorized:
         choice.record("loop")
     solve = _lbfgs_batched if config.vectorized else _lbfgs_loop
@@ -216,7 +220,7 @@ def _stochastic(net: nn.Module) -> bool:
             continue
         if is_stochastic(module):
             return True
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        if isinstance(module, DROPOUT) and module.p > 0:
             return True
     return False
 
