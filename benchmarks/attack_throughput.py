@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--victims", default="1,8,32,128")
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--loop-iterations", type=int, default=5, help="iterations for the slower per-victim loop")
+    parser.add_argument("--loop-victims", type=int, default=None,
+                        help="time the ig loop on at most this many victims (its rate does not depend on N); "
+                             "default: all")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
     parser.add_argument("--attacks", default="ig", help="ig (Adam: ig, ignore) and/or idlg (L-BFGS: dlg, idlg, cpl)")
@@ -200,7 +203,10 @@ def main() -> None:
                     batched = measure(target, labels, args.iterations, args.repeats)
                     vmapped = float("nan") if args.no_vmap else measure(target, labels, args.iterations, args.repeats,
                                                                            factored=False)
-                    looped = measure(target, labels, args.loop_iterations, args.repeats, vectorized=False)
+                    few = min(count, args.loop_victims or count)
+                    subset = Target(net, {k: v[:few] for k, v in target.shared_gradient.items()}, INPUT, 10,
+                                    labels=labels[:few])
+                    looped = measure(subset, labels[:few], args.loop_iterations, args.repeats, vectorized=False)
                     useful = step_flops(target, labels) * batched
                     middle = f"{vmapped:>10.0f}"
                     name = engine_name(target)
