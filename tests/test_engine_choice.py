@@ -163,3 +163,25 @@ def test_the_dry_run_shows_each_attacks_engine_and_writes_no_cache(capsys, tmp_p
     assert "Engine per attack" in text and "batched (chain)" in text and "batched (factored)" in text  # cnn, cnn + cvb
     assert "engine digits | mlp(width=16) | none | ig:" in " ".join(text.split())  # probed: its reason is shown
     assert not out.exists()
+
+
+def test_a_batched_engine_that_fails_in_the_probe_leaves_the_attack_to_the_loop(monkeypatch):
+    from gileak.errors import NotApplicableError
+
+    class Greedy(InvertingGradients):
+        """Out of memory on the batched engine, as a large model with many victims can be."""
+
+        def attack(self, target, *, seeds, max_iterations, progress=None):
+            if choice._forced.get() == "batched":
+                raise RuntimeError("CUDA out of memory")
+            return super().attack(target, seeds=seeds, max_iterations=max_iterations, progress=progress)
+
+    chosen = choice.choose(Greedy(), batch_norm_target(), [0, 1, 2])
+    assert chosen.engine == "loop" and "out of memory" in chosen.reason
+
+    class Refusing(InvertingGradients):
+        def attack(self, target, *, seeds, max_iterations, progress=None):
+            raise NotApplicableError("not here")
+
+    with pytest.raises(NotApplicableError):  # the attack's own verdict, not a probe failure
+        choice.choose(Refusing(), batch_norm_target(), [0, 1, 2])

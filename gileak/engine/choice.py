@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gileak.errors import GileakError
+
 ENGINES = ("batched", "loop")
 CACHE_FILE = "engines.json"
 #: Iterations each probe times (after a one-iteration warm-up), per engine.
@@ -154,8 +156,13 @@ def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None
         return cached
     count = len(seeds)
     few = min(count, 2)
-    with use("batched"):
-        _, paths = _timed_run(attack, _subset(target, few), seeds[:few], 1)
+    try:
+        with use("batched"):
+            _, paths = _timed_run(attack, _subset(target, few), seeds[:few], 1)
+    except GileakError:  # not applicable, a user's mistake: the attack itself says so
+        raise
+    except Exception as e:  # noqa: BLE001 — the batched engine cannot run it here; the loop may
+        return _batched_failed(e)
     batched_paths = [p for p in paths if p != "loop"]
     if not paths:
         return EngineChoice("own", how="rule", reason="the attack runs on none of gileak's engines")
@@ -169,12 +176,24 @@ def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None
 
     chunk = vmap_chunk(target, count) or count
     probed = min(count, max(2, 2 * chunk))
-    batched = _rate(attack, _subset(target, probed), seeds[:probed], "batched")
+    try:
+        batched = _rate(attack, _subset(target, probed), seeds[:probed], "batched")
+    except GileakError:
+        raise
+    except Exception as e:  # noqa: BLE001 — e.g. out of memory with this many victims at once
+        return _batched_failed(e, path)
     loop = _rate(attack, _subset(target, 1), seeds[:1], "loop")
     engine = "batched" if batched >= loop else "loop"
     return EngineChoice(engine, path, "probe",
                         f"probe: batched {batched:.3g} victim-iterations/s on {probed} victims, loop {loop:.3g}",
                         {"batched": batched, "loop": loop})
+
+
+def _batched_failed(error: Exception, path: str = "") -> EngineChoice:
+    """The loop, where the batched engine raised in the probe (out of memory, say): the attack
+    then runs on the loop, which fails with its own reason if it cannot run either."""
+    return EngineChoice("loop", path, "probe", f"the batched engine failed in the probe ({type(error).__name__}: "
+                        f"{str(error)[:200]}); the loop runs it")
 
 
 def cache_key(cell: str, attack: str, victims: int, device: str) -> str:
