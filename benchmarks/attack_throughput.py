@@ -9,15 +9,16 @@ float32 rate). The attack itself runs with PyTorch's precision settings as they 
 cuDNN convolutions default to TF32 on a GPU, matmuls to strict float32).
 
 Usage: python benchmarks/attack_throughput.py [--models cnn] [--victims 1,8,32,128] [--iterations 20]
-       [--repeats 3] [--attacks ig,idlg] [--device auto] [--json rows.json]
+       [--repeats 3] [--attacks ig,idlg] [--device auto] [--json rows.json] [--clock wall|cpu]
 
 `--attacks idlg` adds the L-BFGS family (dlg, idlg and cpl share its solver): victim-iterations/s
 of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed on up to 4 victims over
-the same iterations, once: the loop's rate does not depend on N), the evaluations of loss and
+the same iterations: the loop's rate does not depend on N), the evaluations of loss and
 gradient per victim-iteration (the line search's), and useful FLOP/s counted per evaluation.
 
 Each figure is the median of --repeats timed runs; the machine's other load shows up as spread
-between repeats, so run it on an otherwise idle machine. The same script runs on CUDA.
+between repeats, so run it on an otherwise idle machine, or on a shared one with one thread and
+`--clock cpu`. The same script runs on CUDA.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from gileak.engine import MatchingConfig, gradient_matching
 from gileak.threat import Target, shared_gradients
 
 MODELS = {"cnn": CNN, "mlp": MLP, "resnet18": ResNet18, "vit": ViT}
+#: The clock the runs are timed with: wall time, or (--clock cpu) this process's CPU time, which a
+#: shared machine's other load disturbs less (with one thread it is the time the work ran).
+_clock = time.perf_counter
 INPUT = (3, 32, 32)
 
 
@@ -51,10 +55,10 @@ def measure(target: Target, labels: torch.Tensor, iterations: int, repeats: int,
     rates = []
     for _ in range(repeats):
         _sync(target.device)
-        started = time.perf_counter()
+        started = _clock()
         gradient_matching(target, config, seeds=seeds, max_iterations=iterations, labels=labels)
         _sync(target.device)
-        rates.append(target.num_victims * iterations / (time.perf_counter() - started))
+        rates.append(target.num_victims * iterations / (_clock() - started))
     return statistics.median(rates)
 
 
@@ -110,10 +114,10 @@ def measure_lbfgs(target: Target, labels: torch.Tensor, iterations: int, repeats
     for _ in range(repeats):
         counter = _EvaluationCounter(target) if not vectorized else None
         _sync(target.device)
-        started = time.perf_counter()
+        started = _clock()
         lbfgs.lbfgs_matching(target, config, seeds=seeds, max_iterations=iterations, labels=labels)
         _sync(target.device)
-        seconds = time.perf_counter() - started
+        seconds = _clock() - started
         evaluations = lbfgs.last_run.get("evaluations", 0) if vectorized else counter.close()
         rates.append((target.num_victims * iterations / seconds, evaluations / seconds))
     rates.sort()
@@ -160,13 +164,19 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on a CPU, 8192 on a GPU")
     parser.add_argument("--json", default=None, help="also write the rows (and the matmul rates) to this file")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time with the wall clock or this process's CPU time (a CPU, one thread: less "
+                             "disturbed by a shared machine's other load)")
     args = parser.parse_args()
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = torch.device(device).type == "cuda"
     size = args.matmul_size or (8192 if cuda else 2048)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"input={'x'.join(map(str, INPUT))}")
-    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_size": size}
+          f"input={'x'.join(map(str, INPUT))} clock={args.clock}")
+    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_size": size,
+            "clock": args.clock}
     if cuda:
         info.update(gpu=torch.cuda.get_device_name(torch.device(device)),
                     cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
@@ -221,7 +231,7 @@ def main() -> None:
                     few = min(count, 4)
                     subset = Target(net, {k: v[:few] for k, v in target.shared_gradient.items()}, INPUT, 10,
                                     labels=labels[:few])
-                    looped, _ = measure_lbfgs(subset, labels[:few], args.iterations, 1, False)
+                    looped, _ = measure_lbfgs(subset, labels[:few], args.iterations, args.repeats, False)
                     useful = step_flops(target, labels, distance="euclidean", tv_weight=0.0) * evaluations
                     middle = f"{evaluations / batched:>10.2f}"
                 share_tf32 = useful / peak_tf32 if peak_tf32 else None

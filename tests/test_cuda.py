@@ -160,7 +160,8 @@ def test_every_attack_runs_on_the_device(device, attack):
     assert all(torch.isfinite(torch.tensor(result.final_loss))) and len(result.iterations) == 2
 
 
-def test_the_engine_probe_runs_on_the_device(device):
+def test_the_engine_probe_runs_on_the_device(device, monkeypatch):
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
     torch.manual_seed(0)
     target = make_target(MLP(width=8).build((1, 4, 4), 4).train(), 3, device, shape=(1, 4, 4), classes=4)
     chosen = choice.choose(InvertingGradients(), target, [0, 1, 2])

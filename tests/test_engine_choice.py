@@ -1,6 +1,7 @@
-"""The automatic engine choice (gileak/engine/choice.py): rules, the probe, the override, the
-run directory's cache, and that a run records the engine of every result and computes what the
-chosen engine computes alone (the probe leaves no trace in the results)."""
+"""The automatic engine choice (gileak/engine/choice.py): the rule (the default), the opt-in
+probe and its cache in the run directory, the override, and that a run records the engine of
+every result and computes what the chosen engine computes alone (the probe leaves no trace in
+the results); and that a rule-chosen run is reproducible (another run gives the same rows)."""
 
 import json
 import sqlite3
@@ -42,7 +43,18 @@ def test_the_factored_step_is_taken_by_rule_without_a_probe(monkeypatch):
     assert choice.choose(IDLG(labels="known"), target, [0, 1, 2]).path == "chain"  # the L-BFGS evaluator's
 
 
+def test_vmap_on_a_cpu_is_batched_for_a_small_model_and_the_loop_for_a_large_one_by_rule(monkeypatch):
+    monkeypatch.setattr(choice, "_rate", lambda *args: pytest.fail("probed"))
+    target = batch_norm_target()
+    small = choice.choose(InvertingGradients(), target, [0, 1, 2])
+    assert (small.engine, small.path, small.how, small.rates) == ("batched", "vmap", "rule", {})
+    monkeypatch.setattr(choice, "VMAP_LOOP_PARAMS", 100)  # the tiny MLP as if it were ResNet-18
+    large = choice.choose(DLG(), target, [0, 1, 2])
+    assert (large.engine, large.how) == ("loop", "rule") and "parameters" in large.reason
+
+
 def test_a_vmap_model_is_probed_and_the_faster_engine_taken(monkeypatch):
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
     target = batch_norm_target()
     rates = {"batched": 5.0, "loop": 9.0}
     seen = []
@@ -60,7 +72,8 @@ def test_a_vmap_model_is_probed_and_the_faster_engine_taken(monkeypatch):
     assert choice.choose(DLG(), target, [0, 1, 2]).engine == "batched"
 
 
-def test_the_probe_measures_both_engines_for_real():
+def test_the_probe_measures_both_engines_for_real(monkeypatch):
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
     chosen = choice.choose(InvertingGradients(), batch_norm_target(), [0, 1, 2])
     assert chosen.how == "probe" and set(chosen.rates) == {"batched", "loop"}
     assert all(rate > 0 for rate in chosen.rates.values())
@@ -84,7 +97,7 @@ def test_the_environment_overrides_and_a_bad_value_is_a_user_error(monkeypatch):
     monkeypatch.setenv("GILEAK_ENGINE", "loop")
     assert choice.choose(InvertingGradients(), target, [0, 1]).forced == "loop"
     monkeypatch.setenv("GILEAK_ENGINE", "gpu")
-    with pytest.raises(UserInputError, match="GILEAK_ENGINE"):
+    with pytest.raises(UserInputError, match="GILEAK_ENGINE='gpu'"):
         choice.choose(InvertingGradients(), target, [0, 1])
 
 
@@ -104,7 +117,8 @@ def test_a_forced_engine_is_the_one_that_runs_and_gives_the_engines_result():
             pass
 
 
-def test_the_cache_round_trips_and_ignores_what_it_cannot_read(tmp_path):
+def test_the_cache_round_trips_and_ignores_what_it_cannot_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
     assert choice.load(tmp_path) == {} and choice.load(None) == {}
     made = choice.EngineChoice("loop", "vmap", "probe", "probe: ...", {"batched": 1.0, "loop": 2.0})
     choice.remember(tmp_path, "key", made)
@@ -117,7 +131,21 @@ def test_the_cache_round_trips_and_ignores_what_it_cannot_read(tmp_path):
         assert choice.load(tmp_path) == {}
 
 
-def test_a_run_records_each_results_engine_caches_probes_and_reuses_them(capsys, tmp_path):
+def test_a_run_records_each_results_engine_by_rule_and_writes_no_cache(capsys, tmp_path):
+    code, text, _ = run(capsys, "bench", "--datasets", "digits", "--models", "cnn,mlp(width=16)", "--attacks",
+                        "ig,dlg", "--victims", "2", "--iterations", "2", "--out", str(tmp_path / "run"))
+    assert code == 0, text
+    with sqlite3.connect(tmp_path / "run" / "results.sqlite") as db:
+        stored = {(m, a): json.loads(env)["engine"] for m, a, env in db.execute("SELECT model, attack_label, env "
+                                                                              "FROM results")}
+    assert {(key, e["engine"], e["path"], e["how"]) for key, e in stored.items()} == {
+        (("cnn", "ig"), "batched", "chain", "rule"), (("cnn", "dlg"), "batched", "vmap", "rule"),
+        (("mlp(width=16)", "ig"), "batched", "vmap", "rule"), (("mlp(width=16)", "dlg"), "batched", "vmap", "rule")}
+    assert not (tmp_path / "run" / choice.CACHE_FILE).exists()
+
+
+def test_a_probing_run_caches_its_verdicts_and_later_cells_reuse_them(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
     out = tmp_path / "run"
     args = ["bench", "--datasets", "digits", "--models", "cnn,mlp(width=16)", "--attacks", "ig,idlg", "--victims",
             "2", "--iterations", "2", "--out", str(out)]
@@ -143,6 +171,7 @@ def test_a_run_records_each_results_engine_caches_probes_and_reuses_them(capsys,
 def test_the_probe_leaves_no_trace_in_the_results(capsys, tmp_path, monkeypatch):
     """A run that probed (and so ran the attack before it) computes what a run forced onto the
     engine the probe chose computes."""
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
     args = ["--datasets", "digits", "--models", "mlp(width=16)", "--attacks", "dlg", "--victims", "2",
             "--iterations", "3", "--export"]
     assert run(capsys, "bench", *args, str(tmp_path / "a.json"), "--out", str(tmp_path / "a"))[0] == 0
@@ -161,8 +190,16 @@ def test_the_dry_run_shows_each_attacks_engine_and_writes_no_cache(capsys, tmp_p
                           "--out", out)
     assert code == 0, err
     assert "Engine per attack" in text and "batched (chain)" in text and "batched (factored)" in text  # cnn, cnn + cvb
-    assert "engine digits | mlp(width=16) | none | ig:" in " ".join(text.split())  # probed: its reason is shown
+    assert "batched (vmap)" in text  # the MLP's batch norm
     assert not out.exists()
+
+
+def test_a_probing_dry_run_shows_the_probes_reason(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GILEAK_ENGINE", "probe")
+    code, text, err = run(capsys, "bench", "--dry-run", "--datasets", "digits", "--models", "mlp(width=16)",
+                          "--attacks", "ig", "--victims", "3", "--iterations", "10")
+    assert code == 0, err
+    assert "engine digits | mlp(width=16) | none | ig: " in " ".join(text.split()) and "probe:" in text
 
 
 def test_a_batched_engine_that_fails_in_the_probe_leaves_the_attack_to_the_loop(monkeypatch):

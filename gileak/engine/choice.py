@@ -1,17 +1,30 @@
 """Which engine runs an attack: the batched one or the per-victim loop, whichever is faster for
-this model, defense, attack, number of victims and device — by rule where measurements settle it,
-else by a short probe whose verdict the runner caches in the run directory (`engines.json`).
+this model, attack, number of victims and device — by a rule that measurements back, or (opt-in,
+`GILEAK_ENGINE=probe`) by a short probe whose verdict the runner caches in the run directory
+(`engines.json`).
 
 Both engines are exact: the loop is the reference the batched engine is tested against (equal
-up to float summation order), so the choice changes how long a cell takes, not what it
-computes. Rules (docs/performance.md has the measurements): where the batched engine runs the
-factored step ("chain" or "factored": Conv2d / Linear stacks) it is 2.4x the loop at one victim
-and 13-37x at 128 on a 2-core CPU, so it is taken without a probe; with one victim the vmap
-engine gains nothing over the loop (0.8-1.0x) and the loop is taken. Everything else (vmap:
-batch norm, attention, DLG's optimised labels) is probed: a few timed iterations of the batched
-engine on up to two vmap chunks of the victims (a chunk's cost is linear in its victims) against
-the loop on one victim (its cost is linear in the victims). `GILEAK_ENGINE=batched|loop` in the
-environment overrides both."""
+up to float summation order). But float summation order is all it takes for two L-BFGS or
+signed-Adam trajectories to part (tests/test_lbfgs.py), so the engine is part of what a result
+is: a timing probe on a shared machine can choose differently in a resumed run or another
+worker, and the rows would differ. The default is therefore a rule, decided from what the run
+is — the path the batched engine takes, found by one iteration on two victims, the victims, the
+device, the model's size — never from timing (docs/performance.md has the measurements):
+
+* the factored step ("chain" or "factored": Conv2d / Linear stacks): batched — 2.4x the loop at
+  one victim, 13-37x at 128 on a 2-core CPU;
+* vmap (batch norm, attention, DLG's optimised labels) with one victim: the loop (vmap gains
+  0.8-1.0x);
+* vmap on a GPU: batched (a one-victim step leaves a GPU idle; to be measured by
+  benchmarks/gpu_check.sh);
+* vmap on a CPU: the loop for a model of more than VMAP_LOOP_PARAMS trainable parameters
+  (ResNet-18, 11.2 M: each victim's vmapped gradient is the size of the model, and its batched
+  step ran at 0.4-1.3x the loop), else batched (the MLP, 6.3 M: 1.3-1.4x; the ViT, 3.2 M:
+  1.6-1.9x).
+
+`GILEAK_ENGINE=batched|loop` forces an engine; `GILEAK_ENGINE=probe` times a warm-up and two
+iterations of the batched engine on up to two vmap chunks of the victims (a chunk's cost is
+linear in its victims) against the loop on one victim, and takes the faster."""
 
 from __future__ import annotations
 
@@ -32,6 +45,9 @@ ENGINES = ("batched", "loop")
 CACHE_FILE = "engines.json"
 #: Iterations each probe times (after a one-iteration warm-up), per engine.
 PROBE_ITERATIONS = 2
+#: On a CPU the vmap engine runs models with more trainable parameters than this on the loop
+#: (between the MLP's 6.3 M, where vmap won, and ResNet-18's 11.2 M, where it lost).
+VMAP_LOOP_PARAMS = 8_000_000
 
 _forced: ContextVar[str | None] = ContextVar("gileak_engine", default=None)
 _seen: ContextVar[list[str] | None] = ContextVar("gileak_engine_seen", default=None)
@@ -139,21 +155,25 @@ def _rate(attack, target, seeds, engine: str) -> float:
 
 
 def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None) -> EngineChoice:
-    """The engine for `attack` on `target`'s victims (`known`: a cached choice, taken as it
-    is). Runs the attack itself for a few iterations on a few victims where it probes; the
-    global RNG is not restored (the runner seeds each attack afterwards)."""
-    override = os.environ.get("GILEAK_ENGINE", "").strip().lower()
-    if override:
-        if override not in ENGINES:
-            from gileak.errors import UserInputError
+    """The engine for `attack` on `target`'s victims (`known`: a cached probe verdict, taken as
+    it is when probing). Runs the attack itself for one iteration on up to two victims to see
+    which path its batched engine takes, and more where it probes; the global RNG is not
+    restored (the runner seeds each attack afterwards)."""
+    mode = os.environ.get("GILEAK_ENGINE", "").strip().lower()
+    if mode in ENGINES:
+        return EngineChoice(mode, how="GILEAK_ENGINE", reason=f"GILEAK_ENGINE={mode}")
+    if mode not in ("", "rule", "probe"):
+        from gileak.errors import UserInputError
 
-            raise UserInputError(f"GILEAK_ENGINE={override!r}: use one of {', '.join(ENGINES)} (or unset it)")
-        return EngineChoice(override, how="GILEAK_ENGINE", reason=f"GILEAK_ENGINE={override}")
-    if known:
+        raise UserInputError(f"GILEAK_ENGINE={mode!r}: use batched, loop, rule (the default) or probe "
+                             "(or unset it)")
+    probing = mode == "probe"
+    if probing and known:
         cached = EngineChoice.from_dict(known)
         cached.how = "cache" if cached.how == "probe" else cached.how
         cached.seconds = 0.0
         return cached
+    how = "probe" if probing else "rule"
     count = len(seeds)
     few = min(count, 2)
     try:
@@ -162,7 +182,7 @@ def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None
     except GileakError:  # not applicable, a user's mistake: the attack itself says so
         raise
     except Exception as e:  # noqa: BLE001 — the batched engine cannot run it here; the loop may
-        return _batched_failed(e)
+        return _batched_failed(e, "", how)
     batched_paths = [p for p in paths if p != "loop"]
     if not paths:
         return EngineChoice("own", how="rule", reason="the attack runs on none of gileak's engines")
@@ -172,6 +192,8 @@ def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None
                             "128 on a 2-core CPU")
     if count == 1:
         return EngineChoice("loop", path, "rule", "one victim: vmap gains nothing over the loop (0.8-1.0x)")
+    if not probing:
+        return _rule(target, path)
     from gileak.engine.matching import vmap_chunk
 
     chunk = vmap_chunk(target, count) or count
@@ -181,7 +203,7 @@ def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None
     except GileakError:
         raise
     except Exception as e:  # noqa: BLE001 — e.g. out of memory with this many victims at once
-        return _batched_failed(e, path)
+        return _batched_failed(e, path, how)
     loop = _rate(attack, _subset(target, 1), seeds[:1], "loop")
     engine = "batched" if batched >= loop else "loop"
     return EngineChoice(engine, path, "probe",
@@ -189,10 +211,22 @@ def choose(attack, target, seeds: list[int], known: dict[str, Any] | None = None
                         {"batched": batched, "loop": loop})
 
 
-def _batched_failed(error: Exception, path: str = "") -> EngineChoice:
-    """The loop, where the batched engine raised in the probe (out of memory, say): the attack
-    then runs on the loop, which fails with its own reason if it cannot run either."""
-    return EngineChoice("loop", path, "probe", f"the batched engine failed in the probe ({type(error).__name__}: "
+def _rule(target, path: str) -> EngineChoice:
+    """The vmap engine against the loop, by the device and the model's size."""
+    if target.device.type == "cuda":
+        return EngineChoice("batched", path, "rule", "a GPU: one-victim steps leave it idle (not yet measured)")
+    size = sum(p.numel() for p in target.params.values())
+    if size > VMAP_LOOP_PARAMS:
+        return EngineChoice("loop", path, "rule", f"a CPU and {size / 1e6:.1f} M parameters (> "
+                            f"{VMAP_LOOP_PARAMS / 1e6:.0f} M): vmap's per-victim gradients make it slower than the loop")
+    return EngineChoice("batched", path, "rule", f"a CPU and {size / 1e6:.1f} M parameters (<= "
+                        f"{VMAP_LOOP_PARAMS / 1e6:.0f} M): vmap beats the loop")
+
+
+def _batched_failed(error: Exception, path: str, how: str) -> EngineChoice:
+    """The loop, where the batched engine raised (out of memory, say): the attack then runs on
+    the loop, which fails with its own reason if it cannot run either."""
+    return EngineChoice("loop", path, how, f"the batched engine failed ({type(error).__name__}: "
                         f"{str(error)[:200]}); the loop runs it")
 
 
