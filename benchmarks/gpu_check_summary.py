@@ -102,6 +102,18 @@ def _goals(throughput: dict) -> list[dict]:
     return results
 
 
+def _engine_rule(throughput: dict) -> list[dict]:
+    """gileak.engine.choice's rule runs vmap attacks batched on a GPU (from N = 2): is the batched
+    engine the faster there, row by row?"""
+    checks = []
+    for model, data in throughput.items():
+        for row in data.get("rows", []):
+            if row["engine"] == "vmap" and row["victims"] > 1:
+                checks.append({"model": model, "victims": row["victims"], "ratio": row["ratio"],
+                               "rule_right": row["batched_its"] >= row["loop_its"]})
+    return checks
+
+
 def summary(work: Path, out: Path, device: str, rehearse: bool, elapsed: float) -> dict:
     steps = []
     for line in (work / "steps.tsv").read_text().splitlines():
@@ -127,9 +139,11 @@ def summary(work: Path, out: Path, device: str, rehearse: bool, elapsed: float) 
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device, "rehearsal": rehearse,
         "elapsed_seconds": elapsed, "environment": env, "steps": steps,
         "tests": {"gpu": _junit(work / "junit-tests.xml"), "cpu_side": _junit(work / "junit-cpu-tests.xml")},
-        "throughput": throughput, "goals": [] if rehearse else _goals(by_model), "bench": bench,
+        "throughput": throughput, "goals": [] if rehearse else _goals(by_model),
+        "engine_rule": [] if rehearse else _engine_rule(by_model), "bench": bench,
         "dry_runs": {name: {k: v for k, v in d.items() if k != "text"} for name, d in dry.items()},
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "summary.md").write_text(_markdown(result, dry))
     return result
@@ -181,6 +195,13 @@ def _markdown(result: dict, dry: dict) -> str:
         lines += [f"- {g['goal']}: **{g['status']}**" + (f" ({g['measured']}, {g['engine']})" if "measured" in g else "")
                   for g in result["goals"]]
         lines.append("")
+    if result["engine_rule"]:
+        wrong = [c for c in result["engine_rule"] if not c["rule_right"]]
+        lines += ["## The engine rule on this GPU", "",
+                  "gileak.engine.choice runs vmap attacks batched on a GPU; "
+                  + ("the batched engine was the faster in every vmap row." if not wrong else
+                     "the loop was faster in: " + ", ".join(f"{c['model']} at {c['victims']} ({c['ratio']:.2f}x)"
+                                                           for c in wrong) + " — the rule needs a GPU case."), ""]
     if result["bench"] is not None:
         lines += ["## The quick default bench", ""]
         for row in result["bench"]:
