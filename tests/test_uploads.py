@@ -284,3 +284,18 @@ def test_the_simulation_vectorises_over_victims_with_vmap():
         (gradient,) = torch.autograd.grad(value, alone)
         assert torch.allclose(batched[1][i], value, rtol=1e-5)
         assert torch.allclose(batched[0][i], gradient, atol=1e-8, rtol=1e-4)
+
+
+def test_the_simulation_vectorises_over_victims_through_a_stochastic_bottleneck():
+    # Variational bottlenecks draw noise in every step: vmap needs randomness="different".
+    net = cnn(CVB(kernel=3)).train()
+    params, frozen = trainable_state(net)
+    dummies, labels = torch.rand(2, 4, *SHAPE), torch.randint(10, (2, 4))
+
+    def size(victim_dummies, victim_labels):
+        simulated = simulate_local_update(net, params, frozen, victim_dummies, victim_labels, steps=2, batch=2, lr=0.1)
+        return sum(v.pow(2).sum() for v in simulated.values())
+
+    gradients, values = torch.func.vmap(torch.func.grad_and_value(size), randomness="different")(dummies, labels)
+    assert torch.isfinite(gradients).all() and (gradients.flatten(1).abs().amax(1) > 0).all()
+    assert torch.isfinite(values).all()
