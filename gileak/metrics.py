@@ -118,3 +118,69 @@ def lpips_distances(reconstructions: torch.Tensor, originals: torch.Tensor, devi
     with torch.no_grad():
         distance = net(rec.to(device) * 2 - 1, ori.to(device) * 2 - 1)
     return distance.flatten().cpu().tolist()
+
+
+def pairwise_ssim(reconstructions: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """SSIM of every reconstruction against every original of one batch, (B_rec, B_orig), with
+    the settings of `ssim` (images clamped to [0, 1], data range 1, the same window, uniform
+    filter, sample covariance, mean over channels), computed in one vectorised pass in float64
+    (scikit-image computes float32 images in float32: the two agree to about 1e-6)."""
+    rec = torch.as_tensor(reconstructions).detach().double().cpu().clamp(0, 1)
+    ori = torch.as_tensor(originals).detach().double().cpu().clamp(0, 1)
+    if rec.dim() != 4 or ori.dim() != 4 or rec.shape[1:] != ori.shape[1:]:
+        raise ValueError(f"reconstructions {tuple(rec.shape)} and originals {tuple(ori.shape)} should be "
+                         "(B, C, H, W) images of one shape")
+    side = min(rec.shape[-2:])
+    window = min(7, side if side % 2 else side - 1)
+    if window < 3:
+        raise ValueError(f"images of {tuple(rec.shape[-2:])} pixels are too small for SSIM's window")
+    samples = window * window
+    covariance_norm = samples / (samples - 1)
+    c1, c2 = 0.01**2, 0.03**2
+
+    def local_mean(images: torch.Tensor) -> torch.Tensor:
+        # The mean over each window that lies inside the image: scikit-image's uniform filter
+        # with its border (where the filter would reflect) cropped away.
+        flat = images.reshape(-1, 1, *images.shape[-2:])
+        return torch.nn.functional.avg_pool2d(flat, window, stride=1).view(*images.shape[:-2], -1)
+
+    mu_r, mu_o = local_mean(rec), local_mean(ori)  # (B, C, P)
+    var_r = covariance_norm * (local_mean(rec * rec) - mu_r**2)
+    var_o = covariance_norm * (local_mean(ori * ori) - mu_o**2)
+    products = rec.unsqueeze(1) * ori.unsqueeze(0)  # (B_rec, B_orig, C, H, W)
+    mu_pairs = mu_r.unsqueeze(1) * mu_o.unsqueeze(0)
+    cov = covariance_norm * (local_mean(products) - mu_pairs)
+    numerator = (2 * mu_pairs + c1) * (2 * cov + c2)
+    denominator = (mu_r.unsqueeze(1) ** 2 + mu_o.unsqueeze(0) ** 2 + c1) * (var_r.unsqueeze(1) + var_o.unsqueeze(0) + c2)
+    return (numerator / denominator).mean(dim=-1).mean(dim=-1)
+
+
+def match_reconstructions(reconstructions: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """Which reconstruction of a batch goes with which original: `order` with
+    reconstructions[order][i] paired to originals[i], the assignment that maximises the total
+    SSIM (scipy's linear_sum_assignment on −SSIM). An attack on a batch returns its images in
+    no particular order, so per-image metrics need this pairing first.
+
+    This is an evaluation step and uses the ground truth; the attack never sees it (it chooses
+    its reconstructions by its own loss). Images (B, C, H, W) give (B,); a batch per victim,
+    (N, B, C, H, W), gives (N, B). A non-finite SSIM (a NaN reconstruction) counts as the worst
+    possible match, so it is paired with whatever original is left."""
+    from scipy.optimize import linear_sum_assignment
+
+    rec, ori = torch.as_tensor(reconstructions), torch.as_tensor(originals)
+    if rec.shape != ori.shape:
+        raise ValueError(f"reconstructions {tuple(rec.shape)} and originals {tuple(ori.shape)} differ in shape")
+    if rec.dim() == 5:
+        if len(rec) == 0:
+            return torch.zeros(0, rec.shape[1], dtype=torch.long)
+        return torch.stack([match_reconstructions(r, o) for r, o in zip(rec, ori)])
+    if rec.dim() != 4:
+        raise ValueError(f"expected a batch (B, C, H, W) or batches per victim (N, B, C, H, W), got {tuple(rec.shape)}")
+    if len(rec) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    similarity = pairwise_ssim(rec, ori)
+    similarity = torch.where(torch.isfinite(similarity), similarity, torch.full_like(similarity, -2.0))
+    rec_index, ori_index = linear_sum_assignment((-similarity).numpy())
+    order = torch.empty(len(ori_index), dtype=torch.long)
+    order[torch.as_tensor(ori_index)] = torch.as_tensor(rec_index)
+    return order
