@@ -1,4 +1,4 @@
-"""Base classes of the four component kinds; plugins subclass these and register them."""
+"""Base classes of the five component kinds; plugins subclass these and register them."""
 
 from __future__ import annotations
 
@@ -135,6 +135,92 @@ class Defense(Component):
         return None
 
 
+class Client(Component):
+    """How a victim produces what the server sees. A victim is one attacked upload: the images
+    of `clients_per_upload()` clients (secure aggregation averages their uploads), each holding
+    `images_per_client()` images. Images and labels are listed victim by victim and, within a
+    victim, client by client: client k of a victim holds rows k·M … k·M + M − 1 of its images.
+
+    A client produces an upload (`upload`) and tells the attacker how to simulate it from
+    dummies (`simulate`), differentiably and under `torch.func.vmap` over victims. Both work in
+    the upload's own units; `to_gradient` maps an upload to gradient units (what gradient-only
+    tools such as label recovery read, and what the attacks match)."""
+
+    kind: ClassVar[str] = "client"
+
+    def images_per_client(self) -> int:
+        """How many images one client holds (and the upload depends on)."""
+        raise NotImplementedError
+
+    def clients_per_upload(self) -> int:
+        """How many clients' uploads the server sees averaged into one (secure aggregation)."""
+        return int(getattr(self.params, "aggregate", 1))
+
+    def images_per_victim(self) -> int:
+        """Images behind one upload the server sees: every one of them is to be reconstructed."""
+        return self.clients_per_upload() * self.images_per_client()
+
+    def labels_per_upload(self) -> int:
+        """How many labels the upload in gradient units averages over, repeats included (a
+        local step that revisits an image counts it again); label-count recovery reads this many."""
+        return self.images_per_victim()
+
+    def is_single_image_gradient(self) -> bool:
+        """Whether this is the paper's threat model: one training step's gradient on one image,
+        seen alone. Attacks that do not declare `handles_clients` run only here."""
+        return False
+
+    def is_mean_gradient(self) -> bool:
+        """Whether the simulated upload, in gradient units, is the gradient of the client loss's
+        mean over the victim's images at the server's weights (no local steps): the factored
+        engines then apply, with the victim's images as one batch."""
+        return False
+
+    def upload(self, net: nn.Module, defense: Defense, images: torch.Tensor, labels: torch.Tensor,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """What ONE client uploads after training on its `images_per_client()` images (M, C, H, W)
+        and labels (M,), the defense included (`gileak.uploads` has the building blocks)."""
+        raise NotImplementedError
+
+    def victim_upload(self, net: nn.Module, defense: Defense, images: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """What the server sees of one victim: the mean of its clients' uploads (each client
+        applying its own defense), from the victim's `images_per_victim()` images."""
+        from gileak.uploads import aggregate
+
+        per_client = self.images_per_client()
+        if self.clients_per_upload() == 1:  # exactly the client's upload, not a mean of one
+            return self.upload(net, defense, images, labels, generator)
+        return aggregate([self.upload(net, defense, images[k * per_client : (k + 1) * per_client],
+                                      labels[k * per_client : (k + 1) * per_client], generator)
+                          for k in range(self.clients_per_upload())])
+
+    def to_gradient(self, upload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The upload in gradient units (a linear map, so it applies to stacked uploads too)."""
+        return upload
+
+    def simulate(self, net: nn.Module, params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                 images: torch.Tensor, labels: torch.Tensor, wanted: list[str]) -> dict[str, torch.Tensor]:
+        """The attacker's simulation of ONE client's upload in gradient units, from dummies:
+        images (M, C, H, W), labels (M,) class indices or (M, classes) probabilities; `params`
+        the server's trainable weights, `frozen` the rest and the buffers (`threat.trainable_state`).
+        Returns the entries `wanted`. Must be differentiable in the dummies and run under
+        `torch.func.vmap` over victims. Defenses that act on the upload (noise, pruning) are not
+        simulated: the attacker does not know their randomness; the model's own modules are."""
+        raise NotImplementedError
+
+    def simulate_victim(self, net: nn.Module, params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                        images: torch.Tensor, labels: torch.Tensor, wanted: list[str]) -> dict[str, torch.Tensor]:
+        """The simulation of one victim: the mean over its clients of `simulate`."""
+        per_client = self.images_per_client()
+        clients = self.clients_per_upload()
+        if clients == 1:
+            return self.simulate(net, params, frozen, images, labels, wanted)
+        simulated = [self.simulate(net, params, frozen, images[k * per_client : (k + 1) * per_client],
+                                   labels[k * per_client : (k + 1) * per_client], wanted) for k in range(clients)]
+        return {name: sum(s[name] for s in simulated) / clients for name in wanted}
+
+
 @dataclass
 class GradientTrace:
     """Per-iteration cosine similarity of dummy and shared gradient, per layer (paper Figs. 5-6):
@@ -146,7 +232,10 @@ class GradientTrace:
 
 @dataclass
 class Reconstruction:
-    """An attack's output: images in [0, 1] (N, C, H, W) and per-victim bookkeeping."""
+    """An attack's output: images in [0, 1] (N·M, C, H, W), listed as the target lists them
+    (victim by victim, M = `target.images_per_victim` each; (N, C, H, W) when M = 1), and
+    per-victim bookkeeping. `labels` (N·M,) are the labels the attack ended with; set
+    `labels_known` when they are the ones the threat model granted (nothing leaked to score)."""
 
     images: torch.Tensor
     iterations: list[int]
@@ -154,12 +243,17 @@ class Reconstruction:
     labels: torch.Tensor | None = None
     trace: GradientTrace | None = None
     note: str = ""
+    labels_known: bool = False
 
 
 class Attack(Component):
     """Rebuilds victims' images from what the server sees (a `Target`), all victims at once."""
 
     kind: ClassVar[str] = "attack"
+    #: Whether the attack reconstructs victims that hold several images or upload a local update
+    #: (any client but the paper's gradient(batch=1)). An attack that leaves it False is reported
+    #: "not applicable" there instead of matching a single image against a batch's upload.
+    handles_clients: ClassVar[bool] = False
 
     def attack(self, target: Target, *, seeds: list[int], max_iterations: int, progress=None) -> Reconstruction:
         """Reconstruct every victim of `target`. Victim i's randomness comes from seeds[i] only,
@@ -172,4 +266,5 @@ KINDS: dict[str, type[Component]] = {
     "defense": Defense,
     "model": Model,
     "dataset": Dataset,
+    "client": Client,
 }

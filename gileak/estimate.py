@@ -11,6 +11,9 @@ first, 3.7 on average over 20), so read its figure as a lower bound. The figures
 budget and are upper bounds in one sense — attacks stop on a plateau and training on patience
 before their caps — and rough in others: a batched attack gets cheaper per victim as victims
 grow, and DP-SGD training (per-sample gradients) costs more than the plain step probed here.
+A client protocol other than the paper's gradient(batch=1) is estimated as the single-image
+probe times the images its simulation steps through per evaluation (`labels_per_upload`:
+batch x aggregate, times the local steps of fedavg) — rough again: a batch is cheaper per image.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 
         except Exception as e:  # a model or defense the probe cannot step: say so, estimate the rest
             found.notes.append(f"attack cost not probed: {type(e).__name__}: {e}")
             per_iteration = None
-        for attack in cell.attacks:
+        for attack in dict.fromkeys(job.attack.label for job in cell.jobs):
+            attack = next(job.attack for job in cell.jobs if job.attack.label == attack)
             seconds = per_iteration
             if per_iteration is not None and hasattr(attack.component, "lbfgs_config"):
                 try:
@@ -127,8 +131,10 @@ def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 
                 except Exception as e:  # noqa: BLE001 — say so and keep the matching-step figure
                     found.notes.append(f"{attack.label}: L-BFGS not probed ({type(e).__name__}: {e}); "
                                        "estimated as one matching step per iteration")
-            found.attack_seconds[attack.label] = (None if seconds is None else
-                                                  seconds * spec.victims * spec.iterations * spec.seeds)
+            for job in (job for job in cell.jobs if job.attack.label == attack.label):
+                images = job.client.component.labels_per_upload()
+                found.attack_seconds[job.label] = (None if seconds is None else
+                                                   seconds * images * spec.victims * spec.iterations * spec.seeds)
     return estimates
 
 

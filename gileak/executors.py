@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 def compute_cell(spec_json: str, index: int, attack_labels: list[str], device: str, lpips_available: bool,
                  threads: int | None = None, debug: bool = False):
-    """Run one planned cell's `attack_labels` on `device`; returns its `CellOutcome`."""
+    """Run one planned cell's jobs (attack x client) named by `attack_labels` on `device`;
+    returns its `CellOutcome`."""
     import torch
 
     from gileak.runner import execute_cell, plan
@@ -30,7 +31,7 @@ def compute_cell(spec_json: str, index: int, attack_labels: list[str], device: s
         torch.cuda.set_device(torch.device(device))
     spec = BenchSpec.model_validate_json(spec_json)
     cell = plan(spec).cells[index]
-    attacks = [a for a in cell.attacks if a.label in attack_labels]
+    attacks = [a for a in cell.jobs if a.label in attack_labels]
     return execute_cell(cell, spec, device, attacks, lpips_available=lpips_available, debug=debug)
 
 

@@ -17,6 +17,7 @@ DEFAULT_PLUGINS = (
     "gileak.default_plugins.datasets",
     "gileak.default_plugins.defenses",
     "gileak.default_plugins.attacks",
+    "gileak.default_plugins.clients",
 )
 STRICT_ENV = "GILEAK_STRICT_PLUGINS"
 

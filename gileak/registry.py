@@ -7,7 +7,7 @@ import difflib
 from gileak.base import KINDS, Component
 from gileak.errors import DuplicateComponentError, UnknownComponentError
 
-PLURAL = {"attack": "attacks", "defense": "defenses", "model": "models", "dataset": "datasets"}
+PLURAL = {"attack": "attacks", "defense": "defenses", "model": "models", "dataset": "datasets", "client": "clients"}
 
 
 class Registry:
@@ -113,6 +113,10 @@ def datasets() -> dict[str, type[Component]]:
     return dict(get_registry().components["dataset"])
 
 
+def clients() -> dict[str, type[Component]]:
+    return dict(get_registry().components["client"])
+
+
 def get_attack(name: str):
     return get("attack", name)
 
@@ -127,3 +131,7 @@ def get_model(name: str):
 
 def get_dataset(name: str):
     return get("dataset", name)
+
+
+def get_client(name: str):
+    return get("client", name)

@@ -1,5 +1,5 @@
 """Turn a BenchSpec into a plan of cells, run them, and aggregate one row per
-(dataset, model, defense, attack)."""
+(dataset, model, defense, client, attack)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gileak import registry
-from gileak.base import Attack, Dataset, Defense, Model
+from gileak.base import Attack, Client, Dataset, Defense, Model
 from gileak.errors import GileakError, NotApplicableError, UserInputError
 from gileak.spec import BenchSpec, ComponentRef
 from gileak.store import CellFacts
@@ -35,18 +35,38 @@ class Resolved:
 
 
 @dataclass
+class Job:
+    """One attack on the victims of one client protocol, in a training cell."""
+
+    attack: Resolved
+    client: Resolved
+
+    @property
+    def label(self) -> str:
+        """Unique within a cell (executors and progress refer to a job by it)."""
+        return f"{self.attack.label} @ {self.client.label}"
+
+
+@dataclass
 class TrainingCell:
-    """Everything that shares one trained model: (dataset, model, defense, seed) and its attacks."""
+    """Everything that shares one trained model: (dataset, model, defense, seed), its attacks and
+    the client protocols whose victims they attack."""
 
     dataset: Resolved
     model: Resolved
     defense: Resolved
     seed: int
     attacks: list[Resolved]
+    clients: list[Resolved] = field(default_factory=list)
 
     @property
     def key(self) -> str:
         return f"{self.dataset.label} | {self.model.label} | {self.defense.label} | seed {self.seed}"
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Every (client, attack) of the cell, client by client, in the spec's order."""
+        return [Job(attack, client) for client in self.clients for attack in self.attacks]
 
 
 @dataclass
@@ -56,7 +76,8 @@ class Plan:
 
     @property
     def rows_expected(self) -> int:
-        return len({(c.dataset.label, c.model.label, c.defense.label) for c in self.cells}) * len(self.spec.attacks)
+        groups = len({(c.dataset.label, c.model.label, c.defense.label) for c in self.cells})
+        return groups * len(self.spec.attacks) * len(self.spec.clients)
 
 
 def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -> Resolved:
@@ -77,16 +98,31 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
     models = [resolve("model", r) for r in spec.models]
     defenses = [resolve("defense", r) for r in spec.defenses]
     attacks = [resolve("attack", r) for r in spec.attacks]
+    clients = [resolve("client", r) for r in spec.clients]
     for dataset in datasets if check_data else ():  # missing files are the user's to fix: say so first
-        dataset.component.info()
+        info = dataset.component.info()
+        check_clients(dataset, info, spec, clients)
     cells = [
-        TrainingCell(dataset, model, defense, seed, attacks)
+        TrainingCell(dataset, model, defense, seed, attacks, clients)
         for dataset in datasets
         for model in models
         for defense in defenses
         for seed in range(spec.seeds)
     ]
     return Plan(spec, cells)
+
+
+def check_clients(dataset: Resolved, info, spec: BenchSpec, clients: list[Resolved]) -> None:
+    """Refuse a client protocol whose victims need more images than the attacked client's
+    training split of `dataset` holds (where the dataset declares its training size)."""
+    from gileak import fl
+
+    train_size = getattr(info, "train_size", None)
+    if not train_size:
+        return
+    config = fl.FLConfig(rounds=max(spec.rounds, 1), patience=spec.patience)
+    for client in clients:
+        victim_images(train_size, config, spec, client, seed=0, where=f"{dataset.label} with {client.label}")
 
 
 def pick_device(device: str) -> str:
@@ -148,6 +184,9 @@ class AttackResult:
     params: int
     params_added_pct: float
     epsilon: float | None = None
+    uploads: int = 0  # victims (attacked uploads); the metrics above are per image
+    label_accuracy: list[float] | None = None  # per victim, where the attack found the labels itself
+    label_baseline: list[float] | None = None  # per victim: a label-blind guess's expected accuracy
 
 
 @dataclass
@@ -177,8 +216,8 @@ def _attack_seed(cell_seed: int, attack_id: str) -> int:
 class AttackOutcome:
     """One attack on one trained cell, as computed (anywhere); the driver stores it."""
 
-    attack: str  # canonical id
-    label: str
+    attack: str  # store key: the attack's canonical id (and the client's, when not the default)
+    label: str  # the job's label
     status: str  # ok | failed | not applicable
     error: str | None = None
     note: str = ""
@@ -205,10 +244,27 @@ def cell_id(cell: TrainingCell) -> str:
     return " | ".join(parts) + f" | seed={cell.seed}"
 
 
-def attack_id(attack: Resolved) -> str:
+def attack_id(attack: Resolved | Job) -> str:
+    """The store key of an attack's results: the attack by name and full parameters and, unless
+    it is the paper's gradient(batch=1) (whose results were stored before clients existed and
+    keep their key), ` @ ` and the client by name and full parameters."""
     from gileak.store import canonical
 
+    if isinstance(attack, Job):
+        key = attack_id(attack.attack)
+        client = client_id(attack.client)
+        return key if client == DEFAULT_CLIENT else f"{key} @ {client}"
     return canonical(attack.ref.name, attack.component.params.model_dump(mode="json"))
+
+
+def client_id(client: Resolved) -> str:
+    from gileak.store import canonical
+
+    return canonical(client.ref.name, client.component.params.model_dump(mode="json"))
+
+
+#: The identity of the paper's threat model, gradient(batch=1): its results keep their old key.
+DEFAULT_CLIENT = 'gradient{"aggregate":1,"batch":1}'
 
 
 class _Splits:
@@ -235,21 +291,21 @@ def _reason(error: BaseException, debug: bool = False) -> str:
     return text
 
 
-def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list[Resolved], *,
+def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list[Job], *,
                  splits: Callable | None = None, lpips_available: bool = False,
                  advance: Callable[[int], None] | None = None, describe: Callable[[str], None] | None = None,
                  on_attack: Callable[[CellOutcome, AttackOutcome], None] | None = None,
                  debug: bool = False) -> CellOutcome:
-    """Train one cell (when --rounds > 0) and run `attacks` on its victims. Pure computation: it
-    writes nothing, so it runs the same in this process, a worker process or a Ray task.
-    `on_attack` is called as each attack finishes. A failure of the training or the victims'
-    step fails every attack of the cell; a failing attack fails alone."""
+    """Train one cell (when --rounds > 0) and run its jobs `attacks` (attack x client) on their
+    victims. Pure computation: it writes nothing, so it runs the same in this process, a worker
+    process or a Ray task. `on_attack` is called as each job finishes. A failure of the
+    training fails every job of the cell; a failure of a client's uploads fails that client's
+    jobs; a failing attack fails alone."""
     import torch
 
-    from gileak import data, fl, metrics
+    from gileak import data, fl
     from gileak.nets import count_trainable
-    from gileak.store import VictimRecord, environment
-    from gileak.threat import Target, shared_gradients
+    from gileak.store import environment
 
     advance = advance or (lambda n: None)
     describe = describe or (lambda s: None)
@@ -263,6 +319,12 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
         outcome.attacks.append(result)
         if on_attack is not None:
             on_attack(outcome, result)
+
+    def fail(jobs: list[Job], error: BaseException) -> None:
+        reason = _reason(error, debug)
+        status = "not applicable" if isinstance(error, NotApplicableError) else "failed"
+        for job in jobs:
+            finish(AttackOutcome(attack_id(job), job.label, status, error=reason))
 
     try:
         describe(f"{cell.key}: loading data")
@@ -310,69 +372,202 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
                 else:  # early stopping ended training before that round
                     outcome.cell_notes.append(f"training stopped after round {trained.rounds_run}, before "
                                          f"--attack-at {spec.attack_at}; the final model was attacked")
-
-        victim_idx = data.pick_victims(_victim_pool(len(train_images), fl_config, spec), spec.victims, cell.seed)
-        victims = train_images[victim_idx].to(device)
-        labels = loaded.train_labels[victim_idx].to(device)
-        net.train()  # the victim's step is a training step (the authors attack in train mode)
-        gradients = shared_gradients(net, cell.defense.component, victims, labels, seed=cell.seed)
     except Exception as e:
         advance(rounds_left)
-        reason = _reason(e, debug)
-        status = "not applicable" if isinstance(e, NotApplicableError) else "failed"
-        for attack in attacks:
-            finish(AttackOutcome(attack_id(attack), attack.label, status, error=reason))
+        fail(attacks, e)
         return outcome
 
-    for attack in attacks:
-        describe(f"{cell.dataset.label} | {cell.model.label} | {cell.defense.label} | {attack.label} | seed {cell.seed}")
-        started = time.perf_counter()
-
-        def progress(n: int, label: str = attack.label) -> None:
-            n = min(n, units_left.get(label, 0))
-            units_left[label] = units_left.get(label, 0) - n
-            advance(n)
-
-        aid = attack_id(attack)
+    by_client: dict[str, list[Job]] = {}
+    for job in attacks:
+        by_client.setdefault(job.client.label, []).append(job)
+    for jobs in by_client.values():
+        client = jobs[0].client
         try:
-            torch.manual_seed(_attack_seed(cell.seed, aid))
-            target = Target(net=net, shared_gradient=gradients, input_shape=input_shape,
-                            num_classes=num_classes, labels=labels, trace=spec.trace)
-            seeds = [_victim_seed(cell.seed, i) for i in range(len(victim_idx))]
-            reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
-                                                     progress=progress)
-            seconds = time.perf_counter() - started
-            originals = victims.detach().cpu()
-            recon = reconstruction.images.clamp(0, 1)
-            ssim = metrics.ssim(recon, originals)
-            psnr = metrics.psnr(recon, originals)
-            mse = metrics.mse(recon, originals)
-            lpips = metrics.lpips_distances(recon, originals, device) if lpips_available else None
+            victim_idx = victim_images(len(train_images), fl_config, spec, client, cell.seed,
+                                       where=f"{cell.dataset.label} with {client.label}")
+            victims = train_images[victim_idx].to(device)
+            labels = loaded.train_labels[victim_idx].to(device)
+            net.train()  # the victim's step is a training step (the authors attack in train mode)
+            describe(f"{cell.key} | {client.label}: the victims' uploads")
+            gradients = shared_gradients_of(net, cell.defense.component, client.component, victims, labels,
+                                            cell.seed)
         except Exception as e:
-            status = "not applicable" if isinstance(e, NotApplicableError) else "failed"
-            finish(AttackOutcome(aid, attack.label, status, error=_reason(e, debug)))
+            fail(jobs, e)
             continue
-        records = [VictimRecord(int(victim_idx[i]), int(labels[i]), ssim[i], _finite(psnr[i]), mse[i],
-                                lpips[i] if lpips else None, reconstruction.iterations[i],
-                                _finite(float(reconstruction.final_loss[i])))
-                   for i in range(len(ssim))]
-        finish(AttackOutcome(aid, attack.label, "ok", note=reconstruction.note, seconds=seconds, victims=records,
-                             originals=originals, reconstructions=recon, trace=reconstruction.trace))
+        for job in jobs:
+            finish(_run_attack(cell, spec, job, net, gradients, victims, labels, victim_idx, input_shape,
+                               num_classes, device, units_left, advance, describe, lpips_available, debug))
     return outcome
 
 
-def _victim_pool(num_train: int, config, spec: BenchSpec):
-    """The images the attacked client trains on: the training split of client 0 of the
-    federated partition. Before any training (--rounds 0) the partition does not matter yet,
-    so a dataset too small for it (a handful of your own images) uses all training images."""
+def shared_gradients_of(net, defense: Defense, client: Client, victims, labels, seed: int):
+    """Every victim's upload under `client`; the paper's gradient(batch=1) exactly as it always was."""
+    from gileak.threat import shared_gradients
+
+    if client.is_single_image_gradient():
+        return shared_gradients(net, defense, victims, labels, seed=seed)
+    return shared_gradients(net, defense, victims, labels, seed=seed, client=client)
+
+
+def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, victims, labels, victim_idx,
+                input_shape, num_classes: int, device: str, units_left: dict, advance, describe,
+                lpips_available: bool, debug: bool) -> AttackOutcome:
+    """One job: the attack on the client's victims, scored per image."""
+    import torch
+
+    from gileak.threat import Target
+
+    attack, client = job.attack, job.client
+    describe(f"{cell.dataset.label} | {cell.model.label} | {cell.defense.label} | {client.label} | {attack.label} "
+             f"| seed {cell.seed}")
+    started = time.perf_counter()
+
+    def progress(n: int, label: str = job.label) -> None:
+        n = min(n, units_left.get(label, 0))
+        units_left[label] = units_left.get(label, 0) - n
+        advance(n)
+
+    aid = attack_id(job)
+    per_victim = client.component.images_per_victim()
+    try:
+        if not client.component.is_single_image_gradient() and not attack.component.handles_clients:
+            raise NotApplicableError(f"{attack.label} reconstructs single images from one gradient step; "
+                                     f"it does not handle the client {client.label}")
+        torch.manual_seed(_attack_seed(cell.seed, aid))
+        target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
+                        labels=labels, trace=spec.trace, client=client.component)
+        seeds = [_victim_seed(cell.seed, i) for i in range(target.num_victims)]
+        reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
+                                                 progress=progress)
+        seconds = time.perf_counter() - started
+        originals = victims.detach().cpu()
+        images = reconstruction.images.detach().cpu()
+        if tuple(images.shape) != tuple(originals.shape):
+            raise GileakError(f"{attack.label} returned images of shape {tuple(images.shape)} for "
+                              f"{target.num_victims} victim(s) of {per_victim} image(s) {tuple(originals.shape[1:])}")
+        scores = score_batches(images.clamp(0, 1), originals, per_victim, device, lpips_available)
+        label_scores = score_labels(reconstruction, labels.cpu(), per_victim, num_classes)
+    except Exception as e:
+        status = "not applicable" if isinstance(e, NotApplicableError) else "failed"
+        return AttackOutcome(aid, job.label, status, error=_reason(e, debug))
+    from gileak.store import VictimRecord
+
+    records = []
+    for i in range(len(originals)):
+        victim = i // per_victim
+        accuracy, baseline = label_scores[victim] if label_scores else (None, None)
+        records.append(VictimRecord(
+            int(victim_idx[i]), int(labels[i]), scores.ssim[i], _finite(scores.psnr[i]), scores.mse[i],
+            scores.lpips[i] if scores.lpips else None, reconstruction.iterations[victim],
+            _finite(float(reconstruction.final_loss[victim])), victim, accuracy, baseline))
+    return AttackOutcome(aid, job.label, "ok", note=reconstruction.note, seconds=seconds, victims=records,
+                         originals=originals, reconstructions=scores.matched, trace=reconstruction.trace)
+
+
+@dataclass
+class BatchScores:
+    """Per-image metrics after pairing each victim's reconstructions with its originals."""
+
+    matched: Any  # reconstructions reordered so that row i goes with original i
+    ssim: list[float]
+    psnr: list[float]
+    mse: list[float]
+    lpips: list[float] | None
+
+
+def score_batches(reconstructions, originals, per_victim: int, device: str, lpips_available: bool) -> BatchScores:
+    """Per-image SSIM, PSNR, MSE and LPIPS. A victim of several images gets its reconstructions
+    paired with its originals first (`metrics.match_reconstructions`, the assignment that
+    maximises total SSIM): an evaluation step that uses the ground truth, after the attack."""
+    import torch
+
+    from gileak import metrics
+
+    matched = reconstructions
+    if per_victim > 1:
+        shape = (-1, per_victim, *originals.shape[1:])
+        order = metrics.match_reconstructions(reconstructions.view(shape), originals.view(shape))
+        matched = reconstructions[(order + torch.arange(len(order)).unsqueeze(1) * per_victim).flatten()]
+    lpips = metrics.lpips_distances(matched, originals, device) if lpips_available else None
+    return BatchScores(matched, metrics.ssim(matched, originals), metrics.psnr(matched, originals),
+                       metrics.mse(matched, originals), lpips)
+
+
+def score_labels(reconstruction, true_labels, per_victim: int, num_classes: int) -> list[tuple[float, float]] | None:
+    """Per victim, (label accuracy, label-blind baseline) of the labels the attack ended with —
+    compared as multisets — or None when the attack had the labels from the threat model (or
+    returned none). The baseline is the expected accuracy of a guess that knows only the batch
+    size and spreads it evenly over the classes, for these victims' actual labels."""
+    from gileak.engine.labels import label_accuracy, label_blind_accuracy
+
+    if reconstruction.labels is None or reconstruction.labels_known:
+        return None
+    found = reconstruction.labels.detach().cpu().long().reshape(-1, per_victim)
+    true = true_labels.long().reshape(-1, per_victim)
+    if found.shape != true.shape:
+        raise GileakError(f"the attack returned {reconstruction.labels.numel()} labels for {true.numel()} images")
+    return list(zip(label_accuracy(found, true), label_blind_accuracy(true, num_classes)))
+
+
+def victim_images(num_train: int, config, spec: BenchSpec, client: Resolved, seed: int, where: str = ""):
+    """The training images of every victim under `client`, as indices listed victim by victim
+    (and, within a victim, client by client): --victims uploads of `clients_per_upload()`
+    clients holding `images_per_client()` images each.
+
+    A client's images are distinct, drawn from the attacked client's training split (client 0
+    of the partition, `_victim_pool`); the K clients of an aggregate are clients 0 … K − 1, each
+    from its own split, when there are that many with enough images (else all from client 0's).
+    Victims get distinct images while the split holds them all; beyond that each victim's batch
+    is its own draw and batches may share images. Raises UserInputError when a client needs
+    more images than its split holds (or --victims 1-image victims more than it holds)."""
+    import torch
+
+    victims = spec.victims
+    per_client = client.component.images_per_client()
+    clients = client.component.clients_per_upload()
+    separate = 1 < clients <= config.clients and num_train >= config.clients
+    if separate:
+        pools = [_victim_pool(num_train, config, spec, need=victims * per_client, client_index=k)
+                 for k in range(clients)]
+        separate = all(len(pool) >= per_client for pool in pools)
+    if separate:
+        draws = [_draw(pools[k], victims, per_client, seed + 104_729 * k, where, client) for k in range(clients)]
+        return torch.stack(draws, dim=1).reshape(-1)
+    pool = _victim_pool(num_train, config, spec, need=victims * clients * per_client)
+    return _draw(pool, victims, clients * per_client, seed, where, client).reshape(-1)
+
+
+def _draw(pool, victims: int, per_victim: int, seed: int, where: str, client: Resolved):
+    """(victims, per_victim) distinct indices of `pool` per victim; see `victim_images`."""
     import torch
 
     from gileak import data
 
+    if per_victim > len(pool):
+        raise UserInputError(
+            f"{where}: each victim needs {per_victim} distinct images, but the attacked client's training split "
+            f"holds {len(pool)}. Use a smaller batch, data or aggregate, or a larger dataset.")
+    if victims * per_victim <= len(pool):  # one permutation: every image distinct (batch 1: as always)
+        return data.pick_victims(pool, victims * per_victim, seed).view(victims, per_victim)
+    if per_victim == 1:
+        data.pick_victims(pool, victims, seed)  # raises: more 1-image victims than images
+    return torch.stack([data.pick_victims(pool, per_victim, seed + 1_000_003 * (i + 1)) for i in range(victims)])
+
+
+def _victim_pool(num_train: int, config, spec: BenchSpec, need: int | None = None, client_index: int = 0):
+    """The images the attacked client trains on: the training split of client 0 (or
+    `client_index`) of the federated partition. Before any training (--rounds 0) the partition
+    does not matter yet, so where client 0's split holds fewer than `need` images (default
+    --victims; a handful of your own images) all training images are used."""
+    import torch
+
+    from gileak import data
+
+    need = spec.victims if need is None else need
     if num_train >= config.clients:
         clients = data.iid_partition(num_train, config.clients, config.seed)
-        train_idx, _ = data.client_split(clients[0], config.val_fraction, config.seed)
-        if spec.rounds > 0 or len(train_idx) >= spec.victims:
+        train_idx, _ = data.client_split(clients[client_index], config.val_fraction, config.seed)
+        if spec.rounds > 0 or client_index > 0 or len(train_idx) >= need:
             return train_idx
     return torch.arange(num_train)
 
@@ -413,8 +608,8 @@ class Runner:
         groups = dict.fromkeys((c.dataset.label, c.model.label, c.defense.label) for c in plan.cells)
         self._groups = {group: i for i, group in enumerate(groups)}
 
-    def _todo(self) -> list[tuple[int, list[Resolved]]]:
-        """(cell index, attacks still to run) for every cell with something missing. Stored
+    def _todo(self) -> list[tuple[int, list[Job]]]:
+        """(cell index, jobs still to run) for every cell with something missing. Stored
         `ok` and `not applicable` results are reused; `failed` ones are tried again."""
         stored = self.store.statuses()
         interrupted = set(self.store.interrupted())
@@ -422,7 +617,7 @@ class Runner:
         for index, cell in enumerate(self.plan.cells):
             cid = cell_id(cell)
             missing = []
-            for attack in cell.attacks:
+            for attack in cell.jobs:
                 status = stored.get((cid, attack_id(attack)))
                 if status in ("ok", "not applicable"):
                     self.resume.reused += 1
@@ -495,43 +690,52 @@ class Runner:
         from gileak.store import StoredResult
 
         cell = self.plan.cells[index]
-        position = self._group_position(cell) * len(self.spec.attacks) + \
-            [a.label for a in cell.attacks].index(result.label)
-        key = (cell.dataset.label, cell.model.label, cell.defense.label, result.label)
-        slug = _slug("__".join(key)) + f"__seed{cell.seed}"
+        jobs = cell.jobs
+        job = next(j for j in jobs if j.label == result.label)
+        position = self._group_position(cell) * len(jobs) + jobs.index(job)
+        key = (cell.dataset.label, cell.model.label, cell.defense.label, job.attack.label)
+        default_client = client_id(job.client) == DEFAULT_CLIENT
+        # (the paper's client keeps the figure names results had before clients existed)
+        slug = _slug("__".join(key if default_client else (*key[:3], job.client.label, key[3])))
+        slug += f"__seed{cell.seed}"
         note = result.note or None
         if result.status == "ok":
+            per_victim = job.client.component.images_per_victim()
             save_reconstruction_grid(result.originals, result.reconstructions,
-                                     self.out / "reconstructions" / f"{slug}.png")
+                                     self.out / "reconstructions" / f"{slug}.png",
+                                     columns=max(per_victim, 16 // per_victim * per_victim))
             if self.spec.trace:
                 if result.trace is None:
                     note = "; ".join(filter(None, [note, "this attack does not record gradient traces"]))
                 else:
                     from gileak.report.figures import save_trace
 
-                    self.traces += save_trace(result.trace, self.out / "traces" / slug, " | ".join(key))
+                    title = " | ".join((*key[:3], job.client.label, key[3]))
+                    self.traces += save_trace(result.trace, self.out / "traces" / slug, title)
         self.store.put(StoredResult(
             cell=cell_id(cell), attack=result.attack, dataset=key[0], model=key[1], defense=key[2],
             seed=cell.seed, attack_label=key[3], position=position, status=result.status, error=result.error,
-            note=note, seconds=result.seconds, victims=result.victims, **outcome.facts(),
+            note=note, seconds=result.seconds, victims=result.victims, client=job.client.label, **outcome.facts(),
         ))
 
     def _group_position(self, cell: TrainingCell) -> int:
         return self._groups[(cell.dataset.label, cell.model.label, cell.defense.label)]
 
     def _planned_keys(self) -> set[tuple[str, str]]:
-        return {(cell_id(c), attack_id(a)) for c in self.plan.cells for a in c.attacks}
+        return {(cell_id(c), attack_id(a)) for c in self.plan.cells for a in c.jobs}
 
 
 def write_victims_log(store, path: Path) -> None:
     """victims.jsonl, rebuilt from the store (so a resumed run never lists a victim twice)."""
     lines = []
     for r in store.results():
-        for v in r.victims:
+        for index, v in enumerate(r.victims):
             lines.append(json.dumps({
-                "dataset": r.dataset, "model": r.model, "defense": r.defense, "attack": r.attack_label,
-                "seed": r.seed, "victim": v.victim, "label": v.label, "ssim": v.ssim, "psnr": v.psnr, "mse": v.mse,
-                "lpips": v.lpips, "iterations": v.iterations, "loss": v.loss,
+                "dataset": r.dataset, "model": r.model, "defense": r.defense, "client": r.client,
+                "attack": r.attack_label, "seed": r.seed, "upload": v.upload if v.upload is not None else index,
+                "victim": v.victim, "label": v.label, "ssim": v.ssim, "psnr": v.psnr, "mse": v.mse,
+                "lpips": v.lpips, "iterations": v.iterations, "loss": v.loss, "label_accuracy": v.label_accuracy,
+                "label_baseline": v.label_baseline,
             }))
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
@@ -543,12 +747,12 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     in planned order; rows aggregate seeds."""
     from gileak import metrics
 
-    results: dict[tuple[str, str, str, str], list[AttackResult]] = {}
+    results: dict[tuple[str, str, str, str, str], list[AttackResult]] = {}
     failures: list[tuple[str, str]] = []
     notes: list[tuple[str, str]] = []
     lpips_missing = False
     for r in store.results(keys):
-        key = (r.dataset, r.model, r.defense, r.attack_label)
+        key = (r.dataset, r.model, r.defense, r.client, r.attack_label)
         where = " | ".join(key)
         results.setdefault(key, [])
         cell_where = f"{r.dataset} | {r.model} | {r.defense} | seed {r.seed}"
@@ -563,11 +767,16 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
             notes.append((where, r.note))
         lpips = [v.lpips for v in r.victims]
         lpips_missing |= any(v is None for v in lpips)
+        # per-victim values are repeated on each of the victim's images; one per victim here
+        uploads = list({(v.upload if v.upload is not None else i): v for i, v in enumerate(r.victims)}.values())
+        labelled = [v for v in uploads if v.label_accuracy is not None]
         results[key].append(AttackResult(
             [v.ssim for v in r.victims], [v.psnr if v.psnr is not None else math.inf for v in r.victims],
             [v.mse for v in r.victims], None if any(v is None for v in lpips) else lpips,
-            [v.iterations for v in r.victims], r.seconds or 0.0, r.accuracy, r.params or 0,
-            r.params_added_pct or 0.0, r.epsilon,
+            [v.iterations for v in uploads], r.seconds or 0.0, r.accuracy, r.params or 0,
+            r.params_added_pct or 0.0, r.epsilon, len(uploads),
+            [v.label_accuracy for v in labelled] if labelled else None,
+            [v.label_baseline for v in labelled] if labelled else None,
         ))
     lpips_reason = None
     if lpips_missing:
@@ -587,7 +796,7 @@ def _rows(results, failures, lpips_reason) -> list[dict[str, Any]]:
         failed.setdefault(where, reason)
     rows = []
     for key, parts in results.items():
-        row: dict[str, Any] = dict(zip(("dataset", "model", "defense", "attack"), key))
+        row: dict[str, Any] = dict(zip(("dataset", "model", "defense", "client", "attack"), key))
         reason = failed.get(" | ".join(key))
         if not parts:
             row.update({k: None for k in ROW_METRICS})
@@ -597,6 +806,8 @@ def _rows(results, failures, lpips_reason) -> list[dict[str, Any]]:
             continue
         ssim = [v for p in parts for v in p.ssim]
         accuracies = [p.accuracy for p in parts if p.accuracy is not None]
+        label_parts = [p for p in parts if p.label_accuracy is not None]
+        uploads = sum(p.uploads for p in parts)
         lpips = [v for p in parts for v in (p.lpips or [])] if all(p.lpips is not None for p in parts) else None
         row.update(
             ssim_mean=metrics.summarize(ssim)[0],
@@ -610,9 +821,14 @@ def _rows(results, failures, lpips_reason) -> list[dict[str, Any]]:
             epsilon=max(eps) if (eps := [p.epsilon for p in parts if p.epsilon is not None]) else None,
             params=parts[0].params,
             params_added_pct=parts[0].params_added_pct,
-            victims=len(ssim),
+            victims=uploads,
+            images=len(ssim),
+            label_accuracy=metrics.summarize([v for p in label_parts for v in p.label_accuracy])[0]
+            if label_parts else None,
+            label_baseline=metrics.summarize([v for p in label_parts for v in p.label_baseline])[0]
+            if label_parts else None,
             seconds=sum(p.seconds for p in parts),
-            iterations_mean=sum(v for p in parts for v in p.iterations) / len(ssim),
+            iterations_mean=sum(v for p in parts for v in p.iterations) / max(1, uploads),
             status="ok" if reason is None else "partial",
             error=reason,
         )
@@ -624,7 +840,8 @@ def _rows(results, failures, lpips_reason) -> list[dict[str, Any]]:
 
 NOT_APPLICABLE = "not applicable: "
 ROW_METRICS = ("ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean", "lpips_mean", "accuracy_mean",
-               "accuracy_std", "epsilon", "params", "params_added_pct", "victims", "seconds")
+               "accuracy_std", "epsilon", "params", "params_added_pct", "victims", "images", "label_accuracy",
+               "label_baseline", "seconds")
 
 
 def _finite(value: float) -> float | None:

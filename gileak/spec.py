@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gileak.errors import SpecError
 
-KIND_FIELDS = {"models": "model", "datasets": "dataset", "defenses": "defense", "attacks": "attack"}
+KIND_FIELDS = {"models": "model", "datasets": "dataset", "defenses": "defense", "attacks": "attack",
+               "clients": "client"}
 
 
 class ComponentRef(BaseModel):
@@ -146,8 +147,10 @@ class BenchSpec(BaseModel):
     datasets: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="photos")])
     defenses: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="none")])
     attacks: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="ig")])
+    #: What each attacked client uploads; the default is the paper's threat model.
+    clients: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="gradient")])
     profile: Literal["quick", "paper"] = Field("quick", description="budget preset the other values start from")
-    victims: int = Field(8, ge=1, description="images attacked per cell")
+    victims: int = Field(8, ge=1, description="attacked uploads (victims) per cell and client")
     iterations: int = Field(5000, ge=1, description="attack iteration cap per victim")
     rounds: int = Field(0, ge=0, description="federated training rounds before the attack")
     patience: int = Field(40, ge=1, description="early stopping: rounds without a better validation loss")
@@ -174,14 +177,14 @@ class BenchSpec(BaseModel):
             raise ValueError(f"--attack-at {self.attack_at} is after the last of --rounds {self.rounds}")
         return self
 
-    @field_validator("models", "datasets", "defenses", "attacks", mode="before")
+    @field_validator("models", "datasets", "defenses", "attacks", "clients", mode="before")
     @classmethod
     def _components(cls, value: Any, info) -> Any:
         if isinstance(value, (str, dict)) or (isinstance(value, list) and value and not isinstance(value[0], ComponentRef)):
             return _from_spec_value(value, info.field_name)
         return value
 
-    @field_validator("models", "datasets", "defenses", "attacks")
+    @field_validator("models", "datasets", "defenses", "attacks", "clients")
     @classmethod
     def _not_empty(cls, value: list[ComponentRef], info) -> list[ComponentRef]:
         if not value:

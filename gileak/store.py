@@ -8,8 +8,11 @@ what is there and computes only the rest; the leaderboard is always rebuilt from
 a resumed run and an uninterrupted one print the same rows.
 
 Identity. A result is keyed by its cell (dataset, model, defense — each by name and its full,
-validated parameters, defaults included — and seed) and its attack (name and parameters). The
-display labels are kept beside them. The budget (victims, iterations, rounds, attacked round) is
+validated parameters, defaults included — and seed) and its attack (name and parameters), to
+which the client protocol (name and parameters) is added unless it is the paper's
+gradient(batch=1) — so results stored before clients existed keep their key and meaning. The
+display labels are kept beside them. Per image: its metrics, the victim (upload) it belongs
+to, and that victim's iterations, loss and label accuracy. The budget (victims, iterations, rounds, attacked round) is
 the directory's: a run asking for another budget is refused, never mixed in. A different matrix
 with the same budget is merged cell by cell.
 """
@@ -29,7 +32,15 @@ from typing import Any
 from gileak.errors import UserInputError
 
 FILENAME = "results.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Columns schema 2 added to schema 1's tables; a schema-1 store is upgraded in place, its rows
+#: meaning what they meant: the paper's client, one image per victim.
+_ADDED_IN_2 = (
+    ("results", "client", "TEXT NOT NULL DEFAULT 'gradient'"),
+    ("victims", "upload", "INTEGER"),
+    ("victims", "label_accuracy", "REAL"),
+    ("victims", "label_baseline", "REAL"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,16 +52,28 @@ CREATE TABLE IF NOT EXISTS results (
     seconds REAL, accuracy REAL, epsilon REAL, params INTEGER, params_added_pct REAL,
     rounds_run INTEGER, attacked_round INTEGER, training_seconds REAL,
     accuracy_curve TEXT, cell_notes TEXT, env TEXT, finished REAL NOT NULL,
+    client TEXT NOT NULL DEFAULT 'gradient',
     PRIMARY KEY (cell, attack)
 );
 CREATE TABLE IF NOT EXISTS victims (
     cell TEXT NOT NULL, attack TEXT NOT NULL, idx INTEGER NOT NULL,
     victim INTEGER, label INTEGER, ssim REAL, psnr REAL, mse REAL, lpips REAL,
-    iterations INTEGER, loss REAL,
+    iterations INTEGER, loss REAL, upload INTEGER, label_accuracy REAL, label_baseline REAL,
     PRIMARY KEY (cell, attack, idx)
 );
 CREATE TABLE IF NOT EXISTS running (cell TEXT PRIMARY KEY, started REAL NOT NULL, pid INTEGER);
 """
+
+#: Column order of the two tables as this code writes and reads them (named, so a column
+#: added by an upgrade sits wherever ALTER TABLE put it).
+_RESULT_COLUMNS = (
+    "cell", "attack", "dataset", "model", "defense", "seed", "attack_label", "position", "status", "error", "note",
+    "seconds", "accuracy", "epsilon", "params", "params_added_pct", "rounds_run", "attacked_round",
+    "training_seconds", "accuracy_curve", "cell_notes", "env", "finished", "client",
+)
+_VICTIM_COLUMNS = ("cell", "attack", "idx", "victim", "label", "ssim", "psnr", "mse", "lpips", "iterations", "loss",
+                   "upload", "label_accuracy", "label_baseline")
+
 
 def canonical(name: str, params: dict[str, Any]) -> str:
     """A component's identity: its name and full parameters, in a stable text form. A dataset's
@@ -80,6 +103,10 @@ def environment(device: str) -> dict[str, Any]:
 
 @dataclass
 class VictimRecord:
+    """One attacked image: its training-set index (`victim`), label and metrics, and the victim
+    (upload) it belongs to with that victim's iterations, loss, label accuracy and the
+    label-blind baseline (None where the attack was given the labels)."""
+
     victim: int
     label: int
     ssim: float
@@ -88,6 +115,9 @@ class VictimRecord:
     lpips: float | None
     iterations: int
     loss: float | None
+    upload: int | None = None
+    label_accuracy: float | None = None
+    label_baseline: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -127,6 +157,7 @@ class StoredResult(CellFacts):
     note: str | None = None
     seconds: float | None = None
     victims: list[VictimRecord] = field(default_factory=list)
+    client: str = "gradient"
 
 
 class ResultStore:
@@ -143,11 +174,23 @@ class ResultStore:
         except sqlite3.DatabaseError as e:
             raise UserInputError(f"{self.path} is not a gileak results store ({e}); use another --out.") from e
         version = self.get_meta("schema")
+        if version is not None and int(version) == 1:
+            self._upgrade_from_1()
+            version = str(SCHEMA_VERSION)
         if version is None:
             self.set_meta("schema", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
             raise UserInputError(f"{self.path} was written by another gileak version (store schema {version}, "
                                  f"this gileak reads {SCHEMA_VERSION}); use another --out.")
+
+    def _upgrade_from_1(self) -> None:
+        """Add schema 2's columns to a schema-1 store, in one transaction."""
+        with self.transaction() as db:
+            for table, column, declaration in _ADDED_IN_2:
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @classmethod
     def open_existing(cls, run_dir: Path) -> ResultStore:
@@ -225,30 +268,32 @@ class ResultStore:
         with self.transaction() as db:
             db.execute("DELETE FROM victims WHERE cell = ? AND attack = ?", (result.cell, result.attack))
             db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO results ({', '.join(_RESULT_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_RESULT_COLUMNS))})",
                 (result.cell, result.attack, result.dataset, result.model, result.defense, result.seed,
                  result.attack_label, result.position, result.status, result.error, result.note, result.seconds,
                  result.accuracy, result.epsilon, result.params, result.params_added_pct, result.rounds_run,
                  result.attacked_round, result.training_seconds, json.dumps(result.accuracy_curve),
-                 json.dumps(result.cell_notes), json.dumps(result.env), time.time()),
+                 json.dumps(result.cell_notes), json.dumps(result.env), time.time(), result.client),
             )
             db.executemany(
-                "INSERT INTO victims VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO victims ({', '.join(_VICTIM_COLUMNS)}) VALUES ({', '.join('?' * len(_VICTIM_COLUMNS))})",
                 [(result.cell, result.attack, i, v.victim, v.label, v.ssim, v.psnr, v.mse, v.lpips, v.iterations,
-                  v.loss) for i, v in enumerate(result.victims)],
+                  v.loss, v.upload, v.label_accuracy, v.label_baseline) for i, v in enumerate(result.victims)],
             )
 
     def results(self, keys: set[tuple[str, str]] | None = None) -> list[StoredResult]:
         """Stored results in the order their cells were planned (`position`), then by seed;
         only `keys` when given."""
-        columns = [d[1] for d in self.db.execute("PRAGMA table_info(results)")]
-        rows = self.db.execute("SELECT * FROM results ORDER BY position, seed, finished").fetchall()
+        rows = self.db.execute(f"SELECT {', '.join(_RESULT_COLUMNS)} FROM results "
+                               "ORDER BY position, seed, finished").fetchall()
         victims: dict[tuple[str, str], list[VictimRecord]] = {}
-        for cell, attack, _i, *values in self.db.execute("SELECT * FROM victims ORDER BY cell, attack, idx"):
+        query = f"SELECT {', '.join(_VICTIM_COLUMNS)} FROM victims ORDER BY cell, attack, idx"
+        for cell, attack, _i, *values in self.db.execute(query):
             victims.setdefault((cell, attack), []).append(VictimRecord(*values))
         out = []
         for row in rows:
-            values = dict(zip(columns, row))
+            values = dict(zip(_RESULT_COLUMNS, row))
             if keys is not None and (values["cell"], values["attack"]) not in keys:
                 continue
             values.pop("finished")

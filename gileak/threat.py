@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,24 +42,36 @@ def client_gradient(net: nn.Module, defense, images: torch.Tensor, labels: torch
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One training step's gradient on (images, labels) as the client would upload it: the
     training loss's gradient, then the defense's upload transform. A defense may replace the
-    whole step with its own `client_gradient(net, images, labels, generator)` (DP-SGD)."""
+    step's gradient with its own `client_gradient(net, images, labels, generator)` (DP-SGD);
+    its upload transform still applies to what is uploaded, as in every protocol."""
     custom = getattr(defense, "client_gradient", None)
     if custom is not None:
-        return custom(net, images, labels, generator)
-    params, frozen = trainable_state(net)
-    gradient = torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, images, labels,
-                                                            update_running_stats=False))(params)
+        gradient = custom(net, images, labels, generator)
+    else:
+        params, frozen = trainable_state(net)
+        gradient = torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, images, labels,
+                                                                update_running_stats=False))(params)
     return defense.transform_gradient(gradient, generator)
 
 
 def shared_gradients(net: nn.Module, defense, images: torch.Tensor, labels: torch.Tensor,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """Each victim's shared gradient from a training step on that image alone, stacked (N, ...)."""
+                     seed: int = 0, client=None) -> dict[str, torch.Tensor]:
+    """Each victim's upload as the server sees it, stacked (N, ...). Without a `client`, a
+    training step's gradient on each image alone (the paper's threat model); with one, victim i
+    holds rows i·M … i·M + M − 1 of `images` (M = client.images_per_victim()) and uploads
+    `client.victim_upload` of them."""
+    per_image = 1 if client is None else client.images_per_victim()
+    if images.shape[0] % per_image:
+        raise ValueError(f"{images.shape[0]} images cannot be split into victims of {per_image}")
     per_victim = []
-    for index in range(images.shape[0]):
+    for index in range(images.shape[0] // per_image):
         generator = torch.Generator(device="cpu").manual_seed(seed * 100_003 + index)
         torch.manual_seed(seed * 100_003 + index)  # stochastic modules sample from the global stream
-        per_victim.append(client_gradient(net, defense, images[index : index + 1], labels[index : index + 1], generator))
+        rows = slice(index * per_image, (index + 1) * per_image)
+        if client is None:
+            per_victim.append(client_gradient(net, defense, images[rows], labels[rows], generator))
+        else:
+            per_victim.append(client.victim_upload(net, defense, images[rows], labels[rows], generator))
     return {name: torch.stack([g[name] for g in per_victim]) for name in per_victim[0]}
 
 
@@ -77,6 +90,10 @@ class Target:
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
     #: Asked by `--trace`: attacks that can, record per-layer gradient similarity per iteration.
     trace: bool = False
+    #: The protocol that produced each upload (a `gileak.base.Client`); None: the paper's
+    #: single-image gradient. Labels (and reconstructions) are listed victim by victim,
+    #: `images_per_victim` each.
+    client: Any = None
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -85,6 +102,29 @@ class Target:
     @property
     def num_victims(self) -> int:
         return next(iter(self.shared_gradient.values())).shape[0]
+
+    @property
+    def images_per_victim(self) -> int:
+        """Images behind each upload, all to be reconstructed (1 in the paper's threat model)."""
+        return 1 if self.client is None else self.client.images_per_victim()
+
+    def shared_in_gradient_units(self) -> dict[str, torch.Tensor]:
+        """Each victim's upload in gradient units (`Client.to_gradient`): what attacks match and
+        label recovery reads (a local update −Δθ/(lr·steps); a gradient as it is)."""
+        if self.client is None:
+            return self.shared_gradient
+        return self.client.to_gradient(self.shared_gradient)
+
+    def simulate(self, params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], images: torch.Tensor,
+                 labels: torch.Tensor, wanted: list[str]) -> dict[str, torch.Tensor]:
+        """The attacker's simulation of ONE victim's upload in gradient units from its dummies
+        (M, C, H, W) and labels (M,) or probabilities (M, classes): the entries `wanted`.
+        Differentiable and vmappable over victims."""
+        if self.client is None:
+            from gileak.uploads import simulate_batch_gradient
+
+            return simulate_batch_gradient(self.net, params, frozen, images, labels, wanted)
+        return self.client.simulate_victim(self.net, params, frozen, images, labels, wanted)
 
     @property
     def device(self) -> torch.device:

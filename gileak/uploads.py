@@ -161,7 +161,7 @@ def update_as_gradient(update: dict[str, torch.Tensor], *, lr: float, steps: int
 
 def simulate_local_update(net: nn.Module, state_params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
                           dummy_images: torch.Tensor, dummy_labels: torch.Tensor, *, steps: int, batch: int,
-                          lr: float) -> dict[str, torch.Tensor]:
+                          lr: float, label_logits: bool = True) -> dict[str, torch.Tensor]:
     """The attacker's simulation of `local_update` from dummies: the same schedule of `steps` SGD
     steps from `state_params` (the trainable weights the server sent; `frozen` the rest and the
     buffers, as `threat.trainable_state` splits them), unrolled so the returned Δθ is
@@ -171,15 +171,41 @@ def simulate_local_update(net: nn.Module, state_params: dict[str, torch.Tensor],
     (N, data, C, H, W)); stochastic modules then need `vmap(..., randomness="different")`.
 
     `dummy_labels`: class indices (data,), or float label logits (data, classes) whose softmax
-    is the soft target (DLG's parametrisation). Given the true images and labels (and the same
+    is the soft target (DLG's parametrisation); with `label_logits=False` float labels are the
+    soft targets (probabilities) themselves. Given the true images and labels (and the same
     global random stream for stochastic modules) it reproduces the undefended `local_update`."""
     _check_batch(dummy_images, dummy_labels)
     _check_lr(lr)
     schedule = local_batches(dummy_images.shape[0], steps=steps, batch=batch).to(dummy_images.device)
-    targets = dummy_labels.softmax(-1) if dummy_labels.is_floating_point() else dummy_labels
+    targets = dummy_labels.softmax(-1) if dummy_labels.is_floating_point() and label_logits else dummy_labels
 
     def step_gradient(state, step_images, step_targets):
         return torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, step_images, step_targets,
                                                      update_running_stats=False))(state)
 
     return _sgd_update(net, state_params, dummy_images, targets, schedule, lr, step_gradient)
+
+
+def simulate_batch_gradient(net: nn.Module, params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                            dummy_images: torch.Tensor, dummy_labels: torch.Tensor, wanted: list[str], *,
+                            clients: int = 1) -> dict[str, torch.Tensor]:
+    """The attacker's simulation of `batch_gradient` from dummies (B, C, H, W) and labels (B,) or
+    soft labels (B, classes) as probabilities: the gradient of the client loss, for the entries
+    `wanted` of `params` only (the others held with `frozen`). With `clients` = K > 1 the dummies
+    are K clients' batches, one after another, and the result is the mean of their K gradients
+    (secure aggregation of `gradient` uploads): one gradient of the mean of K forwards, so batch
+    norms see each client's batch alone. Differentiable and vmappable."""
+    kept = {name: params[name] for name in wanted}
+    rest = {name: value for name, value in params.items() if name not in kept}
+    rest.update(frozen)
+    if clients == 1:
+        return torch.func.grad(lambda p: client_loss(net, {**p, **rest}, dummy_images, dummy_labels,
+                                                     update_running_stats=False))(kept)
+    images = dummy_images.chunk(clients)
+    labels = dummy_labels.chunk(clients)
+
+    def mean_loss(p):
+        state = {**p, **rest}
+        return sum(client_loss(net, state, x, y, update_running_stats=False) for x, y in zip(images, labels)) / clients
+
+    return torch.func.grad(mean_loss)(kept)

@@ -34,8 +34,13 @@ def bench(
                                                      autocompletion=completion.defenses)] = None,
     attacks: Annotated[Optional[str], typer.Option(help="Attacks. [default: ig]",
                                                     autocompletion=completion.attacks)] = None,
+    clients: Annotated[Optional[str], typer.Option(help="What each attacked client uploads: gradient(batch=B) "
+                                                    "or fedavg(batch=B,steps=S,lr=L), each with aggregate=K "
+                                                    "for secure aggregation. [default: gradient, the paper's "
+                                                    "batch=1]", autocompletion=completion.clients)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec file; flags override its values.")] = None,
-    victims: Annotated[Optional[int], typer.Option(help="Images attacked per cell. [default: 8]")] = None,
+    victims: Annotated[Optional[int], typer.Option(help="Attacked uploads (victims) per cell and client; "
+                                                   "each holds the client's images. [default: 8]")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Attack iteration cap per victim. [default: 5000]")] = None,
     profile: Annotated[Optional[str], typer.Option(help="Budget preset: quick (a laptop CPU: 8 victims x 5000 "
                                                        "iterations, no training) or paper (128 victims x 20000, "
@@ -76,7 +81,8 @@ def bench(
     from gileak.spec import build_spec
 
     bench_spec = build_spec(
-        spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, victims=victims,
+        spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, clients=clients,
+        victims=victims,
         iterations=iterations, rounds=rounds, seeds=seeds, device=device, out=out, exports=export or None,
         trace=trace, attack_at=attack_at, data_root=data_root, profile=profile, patience=patience,
     )
@@ -161,7 +167,8 @@ def _dry_run(bench_spec, console: Console) -> None:
     console.print(f"[bold]gileak bench --dry-run[/] (profile {s.profile}): {len(the_plan.cells)} training cell(s) "
                   f"-> {the_plan.rows_expected} row(s); nothing is run")
     console.print(f"  datasets {', '.join(r.label for r in s.datasets)}; models {', '.join(r.label for r in s.models)}; "
-                  f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}")
+                  f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}; "
+                  f"clients {', '.join(r.label for r in s.clients)}")
     console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each "
                   f"(ig/ignore: lr x0.1 after {max(1, round(0.02 * s.iterations)):,} iterations without a better "
                   f"loss, stop after {max(1, round(0.2 * s.iterations)):,})")
@@ -172,11 +179,14 @@ def _dry_run(bench_spec, console: Console) -> None:
     with console.status("probing the cost on this device"):
         estimates = estimate(the_plan, device)
     table = Table(title=f"Estimated cost on this device ({device})", title_justify="left")
-    for column in ("dataset", "model", "defense", "training", *[a.label for a in s.attacks], "total"):
+    jobs = the_plan.cells[0].jobs if the_plan.cells else []
+    # one client: a column per attack, as always; several: a column per attack and client
+    headers = [job.attack.label if len(s.clients) == 1 else job.label for job in jobs]
+    for column in ("dataset", "model", "defense", "training", *headers, "total"):
         table.add_column(column, justify="right" if column not in ("dataset", "model", "defense") else "left")
     for e in estimates:
         table.add_row(e.dataset, e.model, e.defense, human(e.train_seconds) if s.rounds else "—",
-                      *[human(e.attack_seconds.get(a.label)) for a in s.attacks], human(e.total))
+                      *[human(e.attack_seconds.get(job.label)) for job in jobs], human(e.total))
     console.print(table)
     console.print(f"Total: about {human(sum(e.total or 0.0 for e in estimates))} on {device}, at most: attacks stop on "
                   "a plateau and training on patience before their caps; batched attacks get cheaper per victim "

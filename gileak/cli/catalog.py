@@ -10,7 +10,8 @@ from rich.table import Table
 
 from gileak.errors import UserInputError
 
-KIND_ARGS = {"attacks": "attack", "defenses": "defense", "models": "model", "datasets": "dataset"}
+KIND_ARGS = {"attacks": "attack", "defenses": "defense", "models": "model", "datasets": "dataset",
+             "clients": "client"}
 
 
 def _format_default(value) -> str:
@@ -27,7 +28,7 @@ def _format_default(value) -> str:
 
 def list_components(
     kind: Annotated[
-        Optional[str], typer.Argument(help="attacks, defenses, models or datasets (all when left out).")
+        Optional[str], typer.Argument(help="attacks, defenses, models, datasets or clients (all when left out).")
     ] = None,
 ) -> None:
     """List components with their one-line description and parameters (defaults)."""

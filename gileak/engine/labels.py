@@ -204,3 +204,27 @@ def label_accuracy(recovered: torch.Tensor, true: torch.Tensor) -> list[float]:
     true_counts = torch.bincount((true.long().cpu() + offsets).flatten(), minlength=len(true) * classes)
     matched = torch.minimum(recovered_counts, true_counts).view(len(true), classes).sum(dim=1)
     return (matched.double() / true.shape[1]).tolist()
+
+
+def label_blind_accuracy(true: torch.Tensor, num_classes: int) -> list[float]:
+    """Per victim, the expected `label_accuracy` of a guess made without the gradient: knowing
+    only the batch size B and the C classes, spread the B labels evenly — ⌊B/C⌋ of every class
+    and one more to r = B mod C classes drawn at random. For true counts n_c this is exactly
+    (Σ_c min(⌊B/C⌋, n_c) + (r/C)·#{c : n_c > ⌊B/C⌋}) / B: the baseline a label-recovery
+    accuracy must beat (1/C at B = 1; most of a large batch on balanced classes). Labels
+    (N, B) or (B,)."""
+    true = torch.as_tensor(true).long().cpu()
+    if true.dim() == 1:
+        true = true.unsqueeze(0)
+    if true.dim() != 2 or true.shape[1] == 0:
+        raise ValueError(f"true labels should be (victims, batch) with a batch of at least one, got {tuple(true.shape)}")
+    if len(true) == 0:
+        return []
+    if int(true.min()) < 0 or int(true.max()) >= num_classes:
+        raise ValueError(f"labels must be class indices below {num_classes}")
+    batch = true.shape[1]
+    each, extra = divmod(batch, num_classes)
+    offsets = torch.arange(len(true)).unsqueeze(1) * num_classes
+    counts = torch.bincount((true + offsets).flatten(), minlength=len(true) * num_classes).view(len(true), num_classes)
+    matched = counts.clamp(max=each).sum(dim=1).double() + (counts > each).sum(dim=1).double() * (extra / num_classes)
+    return (matched / batch).tolist()

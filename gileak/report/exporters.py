@@ -12,9 +12,9 @@ from gileak.errors import UserInputError
 
 #: Export columns, in order. Rows may carry more keys (status, error, lpips_note, ...).
 COLUMNS = (
-    "dataset", "model", "defense", "attack", "ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean",
-    "lpips_mean", "accuracy_mean", "accuracy_std", "epsilon", "params", "params_added_pct", "victims", "seconds",
-    "iterations_mean", "status", "error",
+    "dataset", "model", "defense", "client", "attack", "ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean",
+    "lpips_mean", "label_accuracy", "label_baseline", "accuracy_mean", "accuracy_std", "epsilon", "params",
+    "params_added_pct", "victims", "images", "seconds", "iterations_mean", "status", "error",
 )
 
 

@@ -1,4 +1,4 @@
-"""The rich leaderboard: one row per (dataset, model, defense, attack), best privacy last."""
+"""The rich leaderboard: one row per (dataset, model, defense, client, attack), best privacy last."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+
+#: The columns that name a row.
+NAME_COLUMNS = ("dataset", "model", "defense", "client", "attack")
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> str:
@@ -24,20 +28,21 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     console = console or Console()
     table = Table(title=title, title_style="bold", show_lines=False)
     for header, justify in (
-        ("dataset", "left"), ("model", "left"), ("defense", "left"), ("attack", "left"),
+        ("dataset", "left"), ("model", "left"), ("defense", "left"), ("client", "left"), ("attack", "left"),
         ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
-        ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"), ("time s", "right"),
+        ("labels (blind)", "right"), ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"),
+        ("time s", "right"),
     ):
         table.add_column(header, justify=justify, overflow="fold")
     has_accuracy = any(r.get("accuracy_mean") is not None for r in rows)
     for row in rows:
-        names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")]
+        names = [str(row.get(k, "gradient" if k == "client" else "")) for k in NAME_COLUMNS]
         if row.get("status") == "failed":
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
-            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 8)
+            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 9)
             continue
         if row.get("status") == "not applicable":
-            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 8)
+            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 9)
             continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
@@ -46,10 +51,16 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
             if row.get("epsilon") is not None:
                 accuracy += f" (ε={_num(row['epsilon'], '{:.3g}')})"
         params = "—" if row.get("params") is None else f"{row['params']:,} (+{row['params_added_pct']:.1f}%)"
+        labels = "—"
+        if row.get("label_accuracy") is not None:
+            labels = f"{_num(row['label_accuracy'], '{:.2f}')} ({_num(row.get('label_baseline'), '{:.2f}')})"
+        victims = str(row.get("victims", "—"))
+        if row.get("images") and row.get("images") != row.get("victims"):
+            victims += f" ({row['images']} img)"
         table.add_row(
             *names, ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
-            _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), accuracy, params,
-            str(row.get("victims", "—")), _num(row.get("seconds"), "{:.1f}"),
+            _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), labels, accuracy, params,
+            victims, _num(row.get("seconds"), "{:.1f}"),
         )
     notes = []
     lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
@@ -60,8 +71,16 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     if any(r.get("epsilon") is not None for r in rows):
         notes.append("ε: DP-SGD privacy spent in training at δ = 1e-5 (Opacus RDP accountant; the client that spent most)")
     notes.append("ASR = share of victims reconstructed with SSIM >= 0.5; lower SSIM/ASR = better privacy")
+    if any(r.get("label_accuracy") is not None for r in rows):
+        notes.append("labels: share of each victim's labels the attack found itself (as multisets); in brackets, "
+                     "what a guess without the gradient gets on the same labels (the batch spread evenly over the "
+                     "classes): only the excess over it is leakage")
+    if any(r.get("images") and r.get("images") != r.get("victims") for r in rows):
+        notes.append("victims (img): attacked uploads, and the images behind them; SSIM, ASR, PSNR, MSE and LPIPS "
+                     "are per image, each reconstruction paired with an original by the assignment of highest "
+                     "total SSIM (an evaluation step that uses the ground truth)")
     partial = [r for r in rows if r.get("status") == "partial"]
-    notes += [f"partial: {' | '.join(str(r[k]) for k in ('dataset', 'model', 'defense', 'attack'))}: "
+    notes += [f"partial: {' | '.join(str(r.get(k, '')) for k in NAME_COLUMNS)}: "
               f"{escape(str(r.get('error')))}" for r in partial]
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
