@@ -349,11 +349,10 @@ class MNIST(DownloadableDataset):
                       self.class_names)
 
     def fetch(self) -> None:
-        from torchvision.datasets import MNIST as TorchMNIST
-
         self.root().mkdir(parents=True, exist_ok=True)
+        reader = _tensors_only_mnist()
         for train in (True, False):
-            TorchMNIST(str(self.root()), train=train, download=True)
+            reader(str(self.root()), train=train, download=True)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
