@@ -45,8 +45,9 @@ def load_tensors(path: str | Path) -> Any:
     except OSError as e:
         raise RefusedFileError(f"{path} cannot be read: {e.strerror or e}.") from None
     except Exception as e:  # a truncated or foreign file fails anywhere in torch's reader
-        detail = " ".join(str(e).split())[:200] or type(e).__name__
-        raise RefusedFileError(f"{path} is not a torch file that can be read ({type(e).__name__}: {detail}).") from None
+        detail = " ".join(str(e).split())[:200]
+        detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise RefusedFileError(f"{path} is not a torch file that can be read ({detail}).") from None
 
 
 # --- CIFAR-10's pickles -------------------------------------------------------------------------
