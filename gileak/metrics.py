@@ -14,6 +14,8 @@ import torch
 ASR_THRESHOLD = 0.5
 #: torchvision's AlexNet checkpoint, which lpips builds its network on.
 ALEXNET_CHECKPOINT = "alexnet-owt-7be5be79.pth"
+#: torchvision names its checkpoints after the start of their SHA-256: the published weights only.
+ALEXNET_SHA256_PREFIX = "7be5be79"
 
 
 def _pairs(reconstructions: torch.Tensor, originals: torch.Tensor):
@@ -176,9 +178,27 @@ def _lpips_loaded(checkpoint: Path) -> torch.nn.Module:
             state[key] = value
             state["lins." + key[len("lin"):]] = value
         net.load_state_dict(state, strict=True)
+        _check_digest(checkpoint)
         _LPIPS_LOADED.clear()  # one checkpoint at a time: a replaced file's network is not kept
         _LPIPS_LOADED[identity] = net.eval()
     return _LPIPS_LOADED[identity]
+
+
+def _check_digest(checkpoint: Path) -> None:
+    """Weights of the right shapes but other values (another training run, a random network)
+    would give numbers that are not the published LPIPS: only torchvision's file is used."""
+    import hashlib
+
+    from gileak.errors import RefusedFileError
+
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(ALEXNET_SHA256_PREFIX):
+        raise RefusedFileError(
+            f"{checkpoint} holds AlexNet-shaped weights, but not torchvision's published ones (its SHA-256 starts "
+            f"{digest.hexdigest()[:8]}, not {ALEXNET_SHA256_PREFIX}), so its LPIPS would not be the published metric.")
 
 
 _LPIPS_NETS: dict[tuple, torch.nn.Module] = {}

@@ -278,14 +278,23 @@ def images(n=3, size=32, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_lpips_uses_the_alexnet_checkpoint_it_was_given(torch_home):
-    """The numbers are not the published LPIPS (a random AlexNet), but the pipeline is the real one
-    and the file's weights are the ones in the network."""
+def _random_alexnet(path):
     import torchvision
 
     torch.manual_seed(0)
     state = torchvision.models.alexnet(weights=None).state_dict()
-    torch.save(state, torch_home)
+    torch.save(state, path)
+    return state
+
+
+def test_lpips_uses_the_alexnet_checkpoint_it_was_given(torch_home, monkeypatch):
+    """The numbers are not the published LPIPS (a random AlexNet, let through by pretending its
+    digest is the published one), but the pipeline is the real one and the file's weights are the
+    ones in the network."""
+    import hashlib
+
+    state = _random_alexnet(torch_home)
+    monkeypatch.setattr(metrics, "ALEXNET_SHA256_PREFIX", hashlib.sha256(torch_home.read_bytes()).hexdigest()[:8])
     available, reason = metrics.lpips_status()
     assert available, reason
     x = images()
@@ -342,6 +351,14 @@ def test_a_malformed_alexnet_checkpoint_makes_lpips_unavailable(torch_home, cont
     available, reason = metrics.lpips_status()
     assert not available and "not torchvision's AlexNet state dict" in reason
     assert re.search(problem, reason), reason
+
+
+def test_alexnet_shaped_weights_that_are_not_torchvisions_make_lpips_unavailable(torch_home):
+    """Right keys and shapes, other values: the column would not be the published metric."""
+    _random_alexnet(torch_home)
+    available, reason = metrics.lpips_status()
+    assert not available and "not torchvision's published ones" in reason and "7be5be79" in reason
+    assert metrics.lpips_distances(images(), images()) is None
 
 
 def test_lpips_without_the_checkpoint_keeps_its_offline_reason(torch_home):
