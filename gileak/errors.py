@@ -38,3 +38,8 @@ class NotApplicableError(GileakError):
 
 class CellError(GileakError):
     """A benchmark cell failed at run time; the others still run."""
+
+
+class RefusedFileError(UserInputError):
+    """A file that a user or a download put on disk holds something other than the data it should
+    (code, unknown types, the wrong tensors); it was not loaded and nothing in it ran (exit 2)."""

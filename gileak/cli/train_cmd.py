@@ -157,7 +157,8 @@ def _write_curves(results, out: Path) -> None:
 
 
 def load_checkpoint(path: str | Path):
-    """A saved global model state, loaded safely (tensors only)."""
-    import torch
+    """A saved global model state, loaded tensors-only (a run directory may come from someone
+    else): a file holding anything else raises RefusedFileError and nothing in it runs."""
+    from gileak.safeload import load_tensors
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors(path)

@@ -1,7 +1,8 @@
 """Built-in datasets. Offline ones ship inside scikit-learn and scikit-image, or are the user's own
 images; the paper's datasets (MNIST, CIFAR-10, four MedMNIST sets) are read from a data root by
-torchvision's and medmnist's own dataset classes and fetched by their own download code
-(`gileak data fetch NAME`). `info()` declares shape and classes without touching any pixel."""
+torchvision's and medmnist's own dataset classes (CIFAR-10's pickles by gileak's restricted
+unpickler, in torchvision's layout) and fetched by their own download code (`gileak data fetch
+NAME`). `info()` declares shape and classes without touching any pixel."""
 
 from __future__ import annotations
 
@@ -292,6 +293,28 @@ def _uint8_to_float(images):
     return images.to(torch.float32).div_(255.0)
 
 
+def _tensors_only_mnist():
+    """torchvision's MNIST whose old cache (MNIST/processed/*.pt, a pickle) is read tensors-only
+    whatever torchvision's version: older ones torch.load it with weights_only off."""
+    from torchvision.datasets import MNIST as TorchMNIST
+
+    class MNIST(TorchMNIST):  # torchvision finds its folders by the class's name: MNIST/raw
+        def _load_legacy_data(self):
+            import torch
+
+            from gileak.safeload import load_tensors
+
+            path = Path(self.processed_folder) / (self.training_file if self.train else self.test_file)
+            loaded = load_tensors(path)
+            if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2
+                    and all(isinstance(t, torch.Tensor) for t in loaded) and loaded[0].dim() == 3
+                    and loaded[1].dim() == 1 and len(loaded[0]) == len(loaded[1])):
+                raise ValueError(f"{path} is not torchvision's MNIST cache (a pair of image and label tensors).")
+            return loaded
+
+    return MNIST
+
+
 class MNIST(DownloadableDataset):
     """MNIST through torchvision.datasets.MNIST: root/MNIST/raw/ holding the four idx files."""
 
@@ -316,85 +339,147 @@ class MNIST(DownloadableDataset):
 
     def load(self, seed: int = 0) -> Splits:
         import torch
-        from torchvision.datasets import MNIST as TorchMNIST
 
         root = str(self.root())
-        train = self._open(lambda: TorchMNIST(root, train=True, download=False), "the training files")
-        test = self._open(lambda: TorchMNIST(root, train=False, download=False), "the test files")
+        reader = _tensors_only_mnist()
+        train = self._open(lambda: reader(root, train=True, download=False), "the training files")
+        test = self._open(lambda: reader(root, train=False, download=False), "the test files")
         return Splits(_uint8_to_float(train.data).unsqueeze(1), torch.as_tensor(train.targets, dtype=torch.long),
                       _uint8_to_float(test.data).unsqueeze(1), torch.as_tensor(test.targets, dtype=torch.long),
                       self.class_names)
 
     def fetch(self) -> None:
-        from torchvision.datasets import MNIST as TorchMNIST
-
         self.root().mkdir(parents=True, exist_ok=True)
+        reader = _tensors_only_mnist()
         for train in (True, False):
-            TorchMNIST(str(self.root()), train=train, download=True)
+            reader(str(self.root()), train=train, download=True)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+#: md5 of each batch of the official release, as torchvision lists them (tests check they agree).
+CIFAR10_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
 
 
-def _unchecked_cifar10():
-    """torchvision's CIFAR10 with the md5 of each file left unchecked (the file names and the
-    reading code are torchvision's own): for files in the official format that are not the
-    official release byte for byte, such as re-pickled or cut-down copies."""
-    from torchvision.datasets import CIFAR10 as TorchCIFAR10
+def _cifar10_batch(entry) -> tuple:
+    """(uint8 rows of 3072, int64 labels) of one unpickled batch, or why it is not a batch."""
+    import numpy as np
 
-    class UncheckedCIFAR10(TorchCIFAR10):
-        train_list = [[name, None] for name, _ in TorchCIFAR10.train_list]
-        test_list = [[name, None] for name, _ in TorchCIFAR10.test_list]
-        meta = {**TorchCIFAR10.meta, "md5": None}
-
-    return UncheckedCIFAR10
+    if not isinstance(entry, dict):
+        raise ValueError(f"it holds a {type(entry).__name__}, not a dict")
+    entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
+    data = entry.get("data")
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shown = f"a {data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"its 'data' is {shown}, not uint8 rows of 3072 values")
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
+        labels = labels.astype(np.int64)
+    elif isinstance(labels, list) and all(type(label) is int for label in labels):
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    else:
+        raise ValueError("its 'labels' are not a list of integers")
+    if len(labels) != len(data):
+        raise ValueError(f"it has {len(data)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise ValueError(f"its labels run from {labels.min()} to {labels.max()}, outside 0-9")
+    return data, labels
 
 
 class CIFAR10(DownloadableDataset):
-    """CIFAR-10 through torchvision.datasets.CIFAR10: root/cifar-10-batches-py/ (python pickles)."""
+    """CIFAR-10 in torchvision's layout, root/cifar-10-batches-py/ (python pickles), read by gileak's
+    restricted unpickler: every batch, official or not, so that no file can run code."""
 
     name = "cifar10"
-    description = ("CIFAR-10, 32x32 RGB, 10 classes, official 50,000/10,000 split; read by torchvision from "
-                   "<data root>/cifar-10-batches-py (`gileak data fetch cifar10`).")
+    description = ("CIFAR-10, 32x32 RGB, 10 classes, official 50,000/10,000 split; read from "
+                   "<data root>/cifar-10-batches-py, as torchvision lays it out, by a restricted "
+                   "unpickler (`gileak data fetch cifar10`).")
     source = "www.cs.toronto.edu, with torchvision's download code"
     shape = (3, 32, 32)
     class_names = CIFAR10_CLASSES
     train_size = 50_000
     FOLDER = "cifar-10-batches-py"
-    FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-             "batches.meta")
+    TRAIN = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
+    TEST = ("test_batch",)
+    #: batches.meta only names the classes (declared above); it is expected, as torchvision lays
+    #: the folder out, but never unpickled.
+    FILES = (*TRAIN, *TEST, "batches.meta")
 
     def files(self) -> list[Path]:
         return [self.root() / self.FOLDER / name for name in self.FILES]
 
-    def load(self, seed: int = 0) -> Splits:
-        import torch
-        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+    def _refetch(self) -> str:
+        return (f"Delete {self.root() / self.FOLDER} and fetch a fresh copy with "
+                f"`gileak data fetch cifar10 --data-root {self.root()}`.")
 
-        root = str(self.root())
+    def _read_batches(self, names) -> tuple[list, list[str]]:
+        """Each batch's raw bytes, hashed and unpickled from the same bytes (no file can change
+        between the check and the read), with the names whose md5 is not the official one."""
+        import hashlib
+
+        from gileak.safeload import RefusedPickleError, restricted_unpickle
+
+        batches, unofficial = [], []
+        for name in names:
+            path = self.root() / self.FOLDER / name
+            try:
+                raw = path.read_bytes()
+            except OSError as e:
+                raise DataUnavailableError(f"cifar10: cannot read {path}: {e.strerror or e}. {self._refetch()}") from e
+            if hashlib.md5(raw, usedforsecurity=False).hexdigest() != CIFAR10_MD5.get(name):
+                unofficial.append(name)
+            try:
+                entry = restricted_unpickle(raw)
+            except RefusedPickleError as e:
+                raise DataUnavailableError(
+                    f"cifar10: {path} was refused: it asks to load {e}, which a CIFAR-10 batch never holds "
+                    f"(only numpy arrays, lists, strings and numbers), so it is not a CIFAR-10 batch and may be "
+                    f"an attempt to run code; nothing in it was run. {self._refetch()}") from None
+            except Exception as e:  # a truncated or hostile file fails anywhere in the unpickler or numpy
+                detail = " ".join(str(e).split()) or type(e).__name__
+                raise DataUnavailableError(f"cifar10: {path} could not be read as a pickled CIFAR-10 batch "
+                                           f"({detail}). {self._refetch()}") from None
+            try:
+                batches.append(_cifar10_batch(entry))
+            except ValueError as e:
+                raise DataUnavailableError(f"cifar10: {path} is not a CIFAR-10 batch: {e}. {self._refetch()}") from None
+        return batches, unofficial
+
+    def load(self, seed: int = 0) -> Splits:
+        import numpy as np
+        import torch
+
         self.check()
-        try:
-            train = TorchCIFAR10(root, train=True, download=False)
-            test = TorchCIFAR10(root, train=False, download=False)
-        except RuntimeError:  # every file is there (checked above) but not the official bytes
+        train, unofficial = self._read_batches(self.TRAIN)
+        test, unofficial_test = self._read_batches(self.TEST)
+        unofficial += unofficial_test
+        if unofficial:
             warnings.warn(
                 f"cifar10: the files in {self.root() / self.FOLDER} are not the official CIFAR-10 release "
-                f"(their md5 differs); reading them anyway with torchvision's CIFAR10 reader.", stacklevel=2)
-            unchecked = _unchecked_cifar10()
-            train = self._open(lambda: unchecked(root, train=True, download=False), "the training batches")
-            test = self._open(lambda: unchecked(root, train=False, download=False), "the test batch")
+                f"(md5 not the published one: {', '.join(unofficial)}); read anyway, by the restricted unpickler "
+                f"that admits only numpy arrays, lists, strings and numbers.", stacklevel=2)
 
-        def images(split):
-            return _uint8_to_float(split.data).permute(0, 3, 1, 2).contiguous()
+        def split(batches):
+            images = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32)
+            labels = np.concatenate([labels for _, labels in batches])
+            return _uint8_to_float(images), torch.from_numpy(labels)
 
-        return Splits(images(train), torch.as_tensor(train.targets, dtype=torch.long),
-                      images(test), torch.as_tensor(test.targets, dtype=torch.long), self.class_names)
+        return Splits(*split(train), *split(test), self.class_names)
 
     def fetch(self) -> None:
+        # torchvision's download code alone: CIFAR10(download=True) would also unpickle the batches.
         from torchvision.datasets import CIFAR10 as TorchCIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
 
         self.root().mkdir(parents=True, exist_ok=True)
-        TorchCIFAR10(str(self.root()), train=True, download=True)
+        download_and_extract_archive(TorchCIFAR10.url, str(self.root()), filename=TorchCIFAR10.filename,
+                                     md5=TorchCIFAR10.tgz_md5)
 
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
