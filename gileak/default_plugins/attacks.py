@@ -12,13 +12,21 @@ from gileak.errors import NotApplicableError
 
 
 def _labels(target, mode: str, attack: str):
-    """The labels an attack works with: the ones the threat model grants, or recovered
-    analytically from each victim's gradient (iDLG)."""
+    """The labels an attack works with, listed image by image: the ones the threat model
+    grants, or recovered analytically from each victim's upload in gradient units — one
+    image's label (iDLG), or the multiset of a batch's labels (`recover_label_counts`, repeats
+    included), handed to the victim's dummies in sorted order."""
     if mode == "recover":
-        from gileak.engine.labels import recover_labels
+        from gileak.engine.labels import recover_label_counts, recover_labels, resize_label_multisets
 
+        shared = target.shared_in_gradient_units()
         try:
-            return recover_labels(target.net, target.shared_gradient, target.input_shape)
+            if target.images_per_victim == 1 and (target.client is None or target.client.labels_per_upload() == 1):
+                return recover_labels(target.net, shared, target.input_shape)
+            counted = target.client.labels_per_upload()
+            found = recover_label_counts(target.net, shared, target.input_shape, counted,
+                                         pixel_range=target.pixel_range)
+            return resize_label_multisets(found, target.images_per_victim).reshape(-1)
         except ValueError as e:
             raise NotApplicableError(f"{attack} cannot recover labels: {e}") from e
     if target.labels is None:
@@ -66,6 +74,7 @@ class InvertingGradients(Attack):
 
     name = "ig"
     description = "Inverting Gradients: cosine distance + TV prior, signed Adam, plateau schedule (paper V-B)."
+    handles_clients = True
 
     class Params(_IGParams):
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
@@ -94,6 +103,7 @@ class InvertingGradients(Attack):
         result = gradient_matching(target, self.config(keep, target.trace, max_iterations), seeds=seeds,
                                    max_iterations=max_iterations, labels=labels, progress=progress)
         result.note = note
+        result.labels_known = self.params.labels == "known"
         return result
 
 
@@ -114,6 +124,7 @@ class DLG(Attack):
 
     name = "dlg"
     description = "DLG: Euclidean gradient distance, L-BFGS, dummy labels optimised with the image."
+    handles_clients = True
 
     class Params(Attack.Params):
         lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
@@ -139,6 +150,7 @@ class DLG(Attack):
         result = lbfgs_matching(target, self.lbfgs_config(keep), seeds=seeds, max_iterations=max_iterations,
                                 labels=labels, progress=progress)
         result.note = note
+        result.labels_known = self.params.labels == "known"
         return result
 
 
@@ -193,6 +205,9 @@ class Analytic(Attack):
         from gileak.base import Reconstruction
         from gileak.nets import forward_order
 
+        if target.client is not None and not target.client.is_single_image_gradient():
+            raise NotApplicableError("analytic solves one image from one gradient step; a batch, a local update "
+                                     "or an aggregate mixes several images in every row of the gradient")
         modules = dict(target.net.named_modules())
         order = forward_order(target.net, target.input_shape)
         layer_name = None

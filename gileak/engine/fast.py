@@ -34,6 +34,13 @@ matmuls and library convolutions (forward, transposed and their adjoints) and a 
 element-wise passes per step, the col2im of the input gradient done as strided adds that run
 on every thread (PyTorch's CPU col2im runs on one).
 
+A victim that holds a batch of M images (`Target.images_per_victim`, a client whose upload is
+the gradient of the mean loss over them: `Client.is_mean_gradient`) is the same algebra with
+M·P positions: the forward runs the N·M dummies, each image's output gradient is scaled by 1/M,
+and a layer's factors are regrouped victim by victim, (N·M, fan, P) -> (N, fan, M·P), so its
+dummy gradient is G_i = sum over the victim's images and positions of g u^T. Local updates of
+several steps (fedavg, steps > 1) are not a product of factors: the vmap engine runs them.
+
 Anything else — batch norm (couples the victims of a batch), layer norm, attention, a module
 called twice, a custom container — is not supported here and `FactoredMatching.build` returns
 None, so the caller falls back to the vmap engine.
@@ -150,6 +157,8 @@ class FactoredMatching:
         #: The model as a plain chain of Conv2d / Linear / ReLU / Flatten (see `_chain_ops`),
         #: stepped by `_chain_step` without autograd; None: the autograd path of `step`.
         self.chain: list[tuple] | None = None
+        #: Images per victim (M): each victim's dummy gradient averages over M images.
+        self.per_victim = target.images_per_victim
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,6 +167,9 @@ class FactoredMatching:
         """The fast path for this target, or None when the model or the distance is not supported."""
         if config.distance not in ("cosine", "euclidean"):
             return None
+        if target.client is not None and not target.client.is_mean_gradient():
+            return None  # local steps: not a product of per-layer factors
+        per_victim = target.images_per_victim
         net = target.net
         if not _supported(net):
             return None
@@ -184,12 +196,13 @@ class FactoredMatching:
             positions, fan_in, fan_out = shapes[layer.name]
             # Materialising costs a (fan_out x fan_in) element-wise tail per victim (several
             # passes, memory-bound); the ghost terms cost two P x P Gram matrices.
+            positions *= per_victim  # a victim's batch: its images' positions side by side
             layer.ghost = config.distance == "cosine" and positions**2 * (fan_in + fan_out) < 8 * fan_in * fan_out
         aux_scaled = any(_batch_mean_aux(m) for m in net.modules())
         chain = _chain_ops(net, factored, shapes, target)
         if chain is not None:  # P = 1 layers as rank-one products, every other one materialised
             for layer in layers:
-                layer.ghost = config.distance == "cosine" and shapes[layer.name][0] == 1
+                layer.ghost = config.distance == "cosine" and shapes[layer.name][0] == 1 and per_victim == 1
         engine = cls(target, config, names, wanted, groups, layers, factored, aux_scaled)
         engine.chain = chain
         return engine
@@ -262,14 +275,26 @@ class FactoredMatching:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, shared: tuple[torch.Tensor, ...],
              index: torch.Tensor | None = None):
+        """Victims' dummies (n, C, H, W), or (n, M, C, H, W) with labels (n, M) for batches."""
         laid_out, squares = self._prepare(shared)
         if index is not None:
             images, labels = images[index], labels[index]
             laid_out = {n: tuple(t[index] for t in s) for n, s in laid_out.items()}
             squares = {n: s[index] for n, s in squares.items()}
+        batched = images.shape
+        images = images.reshape(-1, *self.target.input_shape)
+        labels = labels.reshape(-1)
         if self.chain is not None:
-            return self._chain_step(images.detach(), labels, laid_out, squares)
-        count = images.shape[0]
+            image_grads, total, cosines = self._chain_step(images.detach(), labels, laid_out, squares)
+            return image_grads.view(batched), total, cosines
+        image_grads, total, cosines = self._autograd_step(images, labels, laid_out, squares)
+        return image_grads.view(batched), total, cosines
+
+    def _autograd_step(self, images: torch.Tensor, labels: torch.Tensor, laid_out: dict, squares: dict):
+        """`step` for any supported model: the factors from a forward with hooks and one backward,
+        the per-victim terms, and a second backward of their sum to the images."""
+        per_victim = self.per_victim
+        count = images.shape[0]  # images: the victims' batches one after another
         x = images.detach().requires_grad_(True)
 
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -281,10 +306,13 @@ class FactoredMatching:
             finally:
                 for layer in self.factored:
                     del layer.module.forward
+            # the sum over victims of each victim's loss, the mean over its images
             loss = F.cross_entropy(logits, labels, reduction="sum")
+            if per_victim > 1:
+                loss = loss / per_victim
             extra = aux_loss(self.target.net)
             if not isinstance(extra, float) or extra:
-                loss = loss + (count if self.aux_scaled else 1) * extra
+                loss = loss + (count // per_victim if self.aux_scaled else 1) * extra
 
             outputs = [captured[layer.name][1] for layer in self.layers]
             output_grads = torch.autograd.grad(loss, outputs, create_graph=True)
@@ -336,7 +364,8 @@ class FactoredMatching:
         euclidean = config.distance == "euclidean"
         cosine = not euclidean or bool(self.groups)
         ops = self.chain
-        n = x.shape[0]
+        per_victim = self.per_victim  # x: the victims' batches of M images, one after another
+        n = x.shape[0] // per_victim  # victims
 
         saved: list = []  # per op: layer (input shape, U or None), relu its output, flatten its input shape
         h = x
@@ -363,6 +392,8 @@ class FactoredMatching:
         matched_at = [i for i, op in enumerate(ops)
                       if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
         delta = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+        if per_victim > 1:  # a victim's loss is the mean over its images
+            delta = delta / per_victim
         deltas: dict[int, torch.Tensor] = {}
         for i in range(len(ops) - 1, matched_at[0] - 1, -1):
             op = ops[i]
@@ -393,7 +424,8 @@ class FactoredMatching:
             else:
                 g = deltas[i].unsqueeze(2)
                 u = saved[i][1].unsqueeze(2)
-            # now U (n, fan_in, P) and g (n, fan_out, P)
+            g, u = _by_victim(g, per_victim), _by_victim(u, per_victim)
+            # now U (n, fan_in, P) and g (n, fan_out, P), a victim's images' positions side by side
             term = terms[i] = {"g": g, "u": u}
             if layer.weight is not None:
                 shared = laid_out[layer.weight]
@@ -465,7 +497,10 @@ class FactoredMatching:
                     else:
                         upstream = term["grad_t"].mul_(beta.view(-1, 1, 1)).addcmul_(shared[0], alpha.view(-1, 1, 1))
                     gbar = torch.bmm(upstream.transpose(1, 2), u)  # (n, fan_out, P)
-                    ubar = (upstream, g)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
+                    if per_victim == 1:
+                        ubar = (upstream, g)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
+                    else:  # formed here, to be listed image by image
+                        ubar = _by_image(torch.bmm(upstream, g), per_victim)
             if layer.bias in matched:
                 sb = laid_out[layer.bias][0]
                 if euclidean:
@@ -474,7 +509,7 @@ class FactoredMatching:
                     bias_bar = torch.addcmul(sb * alpha.unsqueeze(1), term["gb"], beta.unsqueeze(1))
                 gbar = bias_bar.unsqueeze(2).expand_as(g) if gbar is None else gbar + bias_bar.unsqueeze(2)
             if gbar is not None:
-                gbars[i] = gbar.reshape(deltas[i].shape)
+                gbars[i] = _by_image(gbar, per_victim).reshape(deltas[i].shape)
             if ubar is not None:
                 ubars[i] = ubar
 
@@ -498,6 +533,8 @@ class FactoredMatching:
                 carry = carry.flatten(1)
         # ... through the softmax's (symmetric) Jacobian, then back through the forward to the images.
         bar = probs * (carry - (probs * carry).sum(1, keepdim=True)) if carry is not None else torch.zeros_like(probs)
+        if per_victim > 1:  # (each image's output gradient was scaled by 1/M)
+            bar = bar / per_victim
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
             if op[0] == "layer":
@@ -521,9 +558,12 @@ class FactoredMatching:
         if config.tv_weight:
             dx = x[..., :, 1:] - x[..., :, :-1]
             dy = x[..., 1:, :] - x[..., :-1, :]
-            total = reconstruction + config.tv_weight * (dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1))
-            sx = dx.sign_().mul_(config.tv_weight / dx[0].numel())
-            sy = dy.sign_().mul_(config.tv_weight / dy[0].numel())
+            tv = dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1)
+            if per_victim > 1:  # a victim's prior: the mean over its images
+                tv = tv.view(n, per_victim).mean(1)
+            total = reconstruction + config.tv_weight * tv
+            sx = dx.sign_().mul_(config.tv_weight / (dx[0].numel() * per_victim))
+            sy = dy.sign_().mul_(config.tv_weight / (dy[0].numel() * per_victim))
             image_grads[..., :, 1:] += sx
             image_grads[..., :, :-1] -= sx
             image_grads[..., 1:, :] += sy
@@ -579,7 +619,8 @@ class FactoredMatching:
             else:
                 u = u.reshape(count, -1, u.shape[-1]).transpose(1, 2)
                 g = g.reshape(count, -1, g.shape[-1]).transpose(1, 2)
-        # now U (n, fan_in, P) and g (n, fan_out, P)
+        u, g = _by_victim(u, self.per_victim), _by_victim(g, self.per_victim)
+        # now U (n, fan_in, P) and g (n, fan_out, P), a victim's images' positions side by side
         euclidean = self.config.distance == "euclidean"
         cosine = not euclidean or bool(self.groups)  # the trace's per-layer cosines need them too
         if layer.weight is not None:
@@ -636,7 +677,10 @@ class FactoredMatching:
         if config.tv_weight:
             dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
             dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-            return reconstruction + config.tv_weight * (dx + dy)
+            tv = dx + dy
+            if self.per_victim > 1:  # a victim's prior: the mean over its images
+                tv = tv.view(-1, self.per_victim).mean(1)
+            return reconstruction + config.tv_weight * tv
         return reconstruction
 
 
@@ -665,6 +709,25 @@ class _MaterialisedTerms(torch.autograd.Function):
         grad_u = torch.bmm(upstream, g)  # (n, fan_in, P)
         grad_g = torch.bmm(u.transpose(1, 2), upstream).transpose(1, 2)  # (n, fan_out, P)
         return grad_u, grad_g, None
+
+
+def _by_victim(t: torch.Tensor, per_victim: int) -> torch.Tensor:
+    """A layer factor (n·M, fan, P) listed image by image as (n, fan, M·P): each victim's
+    images' positions side by side (a copy; as it is when M = 1)."""
+    if per_victim == 1:
+        return t
+    images, fan, positions = t.shape
+    return t.reshape(images // per_victim, per_victim, fan, positions).transpose(1, 2).reshape(
+        images // per_victim, fan, per_victim * positions)
+
+
+def _by_image(t: torch.Tensor, per_victim: int) -> torch.Tensor:
+    """The inverse of `_by_victim`: (n, fan, M·P) -> (n·M, fan, P)."""
+    if per_victim == 1:
+        return t
+    victims, fan, positions = t.shape
+    return t.reshape(victims, fan, per_victim, positions // per_victim).transpose(1, 2).reshape(
+        victims * per_victim, fan, positions // per_victim)
 
 
 def _low_rank(s: torch.Tensor, residual: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -228,3 +228,32 @@ def label_blind_accuracy(true: torch.Tensor, num_classes: int) -> list[float]:
     counts = torch.bincount((true + offsets).flatten(), minlength=len(true) * num_classes).view(len(true), num_classes)
     matched = counts.clamp(max=each).sum(dim=1).double() + (counts > each).sum(dim=1).double() * (extra / num_classes)
     return (matched / batch).tolist()
+
+
+def resize_label_multisets(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Each row's multiset of labels (N, L) scaled to `size` labels, sorted (N, size): class c
+    gets its share L_c·size/L, rounded by largest remainder (ties to the smaller class). A local
+    update's gradient counts each image once per step that trains on it, so its L labels are
+    the client's `size` images' labels, some counted more often; as they are when L = size."""
+    labels = torch.as_tensor(labels).long()
+    if labels.dim() != 2 or labels.shape[1] == 0:
+        raise ValueError(f"labels should be (victims, L) with L >= 1, got {tuple(labels.shape)}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if labels.shape[1] == size:
+        return labels
+    classes = int(labels.max()) + 1 if labels.numel() else 1
+    offsets = torch.arange(len(labels), device=labels.device).unsqueeze(1) * classes
+    counts = torch.bincount((labels + offsets).flatten(), minlength=len(labels) * classes).view(len(labels), classes)
+    share = counts.double() * (size / labels.shape[1])
+    resized = share.floor().long()
+    remainder = share - resized
+    for _ in range(size):
+        missing = size - resized.sum(dim=1)
+        if not (missing > 0).any():
+            break
+        choice = remainder.argmax(dim=1)
+        rows = torch.arange(len(labels), device=labels.device)
+        resized[rows, choice] += (missing > 0).long()
+        remainder[rows, choice] = -1.0
+    return _labels_from_counts(resized, size)

@@ -71,8 +71,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.optim.lbfgs import _cubic_interpolate
 
 from gileak.base import Reconstruction
-from gileak.engine.matching import (MatchingConfig, factored_engine, initial_images, make_victim_loss, minmax_scale,
-                                    vmap_chunk)
+from gileak.engine.matching import (MatchingConfig, as_images, factored_engine, initial_images, make_victim_loss,
+                                    minmax_scale, victim_labels, victim_shape, vmap_chunk)
 from gileak.nets import batch_statistics_only, is_stochastic
 from gileak.threat import Target
 
@@ -144,18 +144,23 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
     num_victims = target.num_victims
     matching = MatchingConfig(distance=config.distance, tv_weight=config.tv_weight, keep=config.keep)
     victim_loss = make_victim_loss(target, matching)
-    shared = [tuple(target.shared_gradient[n][i].to(device) for n in victim_loss.names) for i in range(num_victims)]
+    uploads = target.shared_in_gradient_units()
+    shared = [tuple(uploads[n][i].to(device) for n in victim_loss.names) for i in range(num_victims)]
     state = {**target.params, **target.frozen}
+    shape = victim_shape(target)
+    per_victim = target.images_per_victim
+    labels = None if labels is None else victim_labels(target, labels)
+    label_shape = (target.num_classes,) if per_victim == 1 else (per_victim, target.num_classes)
 
     images, found_labels, iterations, best_losses = [], [], [], []
     reported = 0
     for i, seed in enumerate(seeds):
         torch.manual_seed(int(seed))  # stochastic modules sample from the global stream
-        image = initial_images(target.input_shape, [seed], "randn", device)[0].requires_grad_(True)
+        image = initial_images(shape, [seed], "randn", device)[0].requires_grad_(True)
         variables = [image]
-        if config.optimise_labels:
+        if config.optimise_labels:  # one soft label per image
             generator = torch.Generator().manual_seed(int(seed) + 1)
-            label_logits = torch.randn(target.num_classes, generator=generator).to(device).requires_grad_(True)
+            label_logits = torch.randn(label_shape, generator=generator).to(device).requires_grad_(True)
             variables.append(label_logits)
         # max_eval - 1 (the evaluation at x, done before the search) is the search's max_ls
         optimizer = torch.optim.LBFGS(variables, lr=config.lr, max_iter=1, max_eval=1 + config.line_search_evals,
@@ -171,9 +176,9 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
             optimizer.zero_grad()
             total, _ = victim_loss(image, current_label(), shared[i])
             if config.label_weight:
-                logits = functional_call(target.net, state, (image.unsqueeze(0),))
-                onehot = F.one_hot(labels[i].to(device), target.num_classes).float()
-                total = total + config.label_weight * (logits.softmax(-1)[0] - onehot).pow(2).sum()
+                logits = functional_call(target.net, state, (image.reshape(-1, *target.input_shape),))
+                onehot = F.one_hot(labels[i].to(device).reshape(-1), target.num_classes).float()
+                total = total + config.label_weight * (logits.softmax(-1) - onehot).pow(2).sum()
             total.backward()
             return total
 
@@ -195,10 +200,10 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
             progress(share - reported)
             reported = share
 
-    final = torch.stack(images)
+    final = as_images(target, torch.stack(images))
     final = minmax_scale(final) if config.minmax else final.clamp(*target.pixel_range)
     return Reconstruction(images=final.detach().cpu(), iterations=iterations, final_loss=best_losses,
-                          labels=torch.stack(found_labels).cpu())
+                          labels=torch.stack(found_labels).reshape(-1).cpu())
 
 
 # ---------------------------------------------------------------------------------- batched
@@ -323,14 +328,15 @@ class _Evaluator:
         self.target = target
         self.config = config
         device = target.device
-        self.shape = tuple(target.input_shape)
+        self.shape = victim_shape(target)  # one victim's dummies: (C, H, W), or (M, C, H, W)
         self.pixels = math.prod(self.shape)
+        self.per_victim = target.images_per_victim
         matching = MatchingConfig(distance=config.distance, tv_weight=config.tv_weight, keep=config.keep)
         self.victim_loss = make_victim_loss(target, matching)
         self.state = {**target.params, **target.frozen}
         num_victims = target.num_victims
-        self.labels = (labels.to(device) if labels is not None
-                       else torch.zeros(num_victims, dtype=torch.long, device=device))
+        self.labels = victim_labels(target, labels.to(device) if labels is not None else
+                                    torch.zeros(num_victims * self.per_victim, dtype=torch.long, device=device))
         self.onehot = F.one_hot(self.labels, target.num_classes).float()
         # The factored engine needs fixed labels; CPL's label term is added by a plain batched
         # forward (every model the factored engine supports acts on each sample alone).
@@ -345,7 +351,8 @@ class _Evaluator:
         """Work on the victims `ids` (their shared gradients, labels) from now on."""
         device = self.target.device
         self.ids = ids
-        self.shared = tuple(self.target.shared_gradient[n].to(device)[ids] for n in self.victim_loss.names)
+        uploads = self.target.shared_in_gradient_units()
+        self.shared = tuple(uploads[n].to(device)[ids] for n in self.victim_loss.names)
         self.group_labels = self.labels[ids]
         self.group_onehot = self.onehot[ids]
 
@@ -353,12 +360,16 @@ class _Evaluator:
         """One victim's total loss, as the reference loop's closure computes it."""
         config = self.config
         image = flat[: self.pixels].view(self.shape)
-        current = flat[self.pixels:].softmax(-1) if config.optimise_labels else label
+        if config.optimise_labels:  # one soft label per image
+            logits = flat[self.pixels:]
+            current = (logits if self.per_victim == 1 else logits.view(self.per_victim, -1)).softmax(-1)
+        else:
+            current = label
         total, _ = self.victim_loss(image, current, shared)
         if config.label_weight:
             with batch_statistics_only(self.target.net):
-                logits = functional_call(self.target.net, self.state, (image.unsqueeze(0),))
-            total = total + config.label_weight * (logits.softmax(-1)[0] - onehot).pow(2).sum()
+                logits = functional_call(self.target.net, self.state, (image.reshape(-1, *self.target.input_shape),))
+            total = total + config.label_weight * (logits.softmax(-1) - onehot.reshape(logits.shape)).pow(2).sum()
         return total
 
     def _label_term(self, images: torch.Tensor, onehot: torch.Tensor):
@@ -366,8 +377,9 @@ class _Evaluator:
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             with batch_statistics_only(self.target.net):
-                logits = functional_call(self.target.net, self.state, (x,))
-            term = self.config.label_weight * (logits.softmax(-1) - onehot).pow(2).sum(1)
+                logits = functional_call(self.target.net, self.state, (x.reshape(-1, *self.target.input_shape),))
+            differences = (logits.softmax(-1) - onehot.reshape(logits.shape)).pow(2)
+            term = self.config.label_weight * differences.view(len(x), -1).sum(1)  # per victim
             (grads,) = torch.autograd.grad(term.sum(), x)
         return term.detach(), grads
 
@@ -463,7 +475,7 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
     num_victims = target.num_victims
     evaluate = _Evaluator(target, config, labels)
     pixels = evaluate.pixels
-    dim = pixels + (target.num_classes if config.optimise_labels else 0)
+    dim = pixels + (target.num_classes * target.images_per_victim if config.optimise_labels else 0)
     size = max(1, min(config.history, max_iterations - 1))  # no victim stores more pairs than that
     # the pairs, the solver's (n, D) tensors, and the line search's gradient rows: up to one
     # per round kept alive (a row is a view of its round's batched gradients)
@@ -505,11 +517,11 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
                     victims_per_call=evaluate.evaluations / max(1, evaluate.calls), victim_evaluations=evaluations,
                     iterations=sum(iterations), groups=len(groups), reused=not stochastic, **stats)
 
-    final = torch.cat(images)
+    final = as_images(target, torch.cat(images))
     final = minmax_scale(final) if config.minmax else final.clamp(*target.pixel_range)
     chosen = torch.cat(found) if config.optimise_labels else evaluate.labels
     return Reconstruction(images=final.detach().cpu(), iterations=iterations, final_loss=best_losses,
-                          labels=chosen.cpu())
+                          labels=chosen.reshape(-1).cpu())
 
 
 def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], max_iterations: int, size: int,
@@ -545,9 +557,10 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
     device = target.device
     count = len(seeds)
     pixels = evaluate.pixels
-    x = initial_images(target.input_shape, seeds, "randn", device).reshape(count, -1)
-    if config.optimise_labels:
-        logits = torch.stack([torch.randn(target.num_classes, generator=torch.Generator().manual_seed(int(seed) + 1))
+    x = initial_images(evaluate.shape, seeds, "randn", device).reshape(count, -1)
+    if config.optimise_labels:  # one soft label per image, as the reference loop draws them
+        label_dim = target.num_classes * evaluate.per_victim
+        logits = torch.stack([torch.randn(label_dim, generator=torch.Generator().manual_seed(int(seed) + 1))
                               for seed in seeds]).to(device)
         x = torch.cat([x, logits], dim=1)
     dim = x.shape[1]
@@ -748,6 +761,7 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
     report(max_iterations)
 
     done = torch.where(frozen, torch.full_like(done, max_iterations), done)
-    found = x[:, pixels:].softmax(-1).argmax(-1) if config.optimise_labels else None
-    return (best_x.view(count, *target.input_shape), found, done.cpu().tolist(),
+    found = (x[:, pixels:].view(count, evaluate.per_victim, -1).softmax(-1).argmax(-1)
+             if config.optimise_labels else None)
+    return (best_x.view(count, *evaluate.shape), found, done.cpu().tolist(),
             best.cpu().tolist(), evaluations)
