@@ -532,10 +532,15 @@ class Runner:
                     run_pool(self, lpips_available, self._worker_devices())
                 else:
                     self._run_local(lpips_available)
-        finally:
-            if self._directory_intact():  # else the error that says so is under way; write nothing
-                with self._writing(self.out / "victims.jsonl"):
+        except BaseException:
+            if self._directory_intact():  # else the error that says so is under way: write nothing
+                try:
                     write_victims_log(self.store, self.out / "victims.jsonl")
+                except (OSError, GileakError):  # the error under way (a full disk, Ctrl-C) is the one to tell
+                    pass
+            raise
+        with self._writing(self.out / "victims.jsonl"):
+            write_victims_log(self.store, self.out / "victims.jsonl")
         self.check_directory()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return build_result(self.store, self._planned_keys(), self.out, traces=self.traces)
@@ -565,10 +570,7 @@ class Runner:
         try:
             yield
         except OSError as e:
-            error = write_error(e, path, self.out)
-            if error is None:
-                raise
-            raise error from e
+            raise write_error(e, path, self.out) from e
 
     def _worker_devices(self) -> list[str]:
         """Devices of the local worker processes; empty: run in this process."""

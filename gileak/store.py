@@ -40,6 +40,8 @@ SCHEMA_VERSION = 1
 #: Seconds a statement waits for a lock another (non-gileak) process holds on the store.
 BUSY_TIMEOUT = 30.0
 _TABLES = {"meta", "results", "victims", "running"}
+_NUMERIC = ("seed", "position", "seconds", "accuracy", "epsilon", "params", "params_added_pct", "rounds_run",
+            "attacked_round", "training_seconds")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -158,6 +160,9 @@ class ResultStore:
         self._inode = _inode(self.path)
         try:
             self._check_ours()
+            if not read_only:
+                with self._errors("opening"):
+                    self.db.execute("PRAGMA journal_mode=WAL")  # readers beside the writer
         except BaseException:
             self.db.close()
             raise
@@ -179,17 +184,25 @@ class ResultStore:
         is then renamed into place, so a process killed while creating it never leaves a store
         without tables (which would be indistinguishable from a foreign or truncated file)."""
         side = self.path.with_name(FILENAME + ".new")
-        for leftover in (side, side.with_name(side.name + "-wal"), side.with_name(side.name + "-shm")):
+        side_files = [side.with_name(side.name + end) for end in ("", "-journal", "-wal", "-shm")]
+        for leftover in side_files:
             leftover.unlink(missing_ok=True)
-        with self._errors("creating the results store"):
-            db = sqlite3.connect(side, isolation_level=None)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            finally:
-                db.close()
-        os.replace(side, self.path)
+        try:
+            with self._errors("creating"):
+                # A rollback journal, not WAL, while creating: every committed byte is then in the
+                # one file that is renamed (the writer switches to WAL when it opens the store).
+                db = sqlite3.connect(side, isolation_level=None)
+                try:
+                    db.executescript(_SCHEMA)
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                finally:
+                    db.close()
+            os.replace(side, self.path)
+        except OSError as e:
+            raise write_error(e, side, self.path.parent) from e
+        finally:
+            for leftover in side_files:
+                leftover.unlink(missing_ok=True)
 
     def _refuse_empty_file(self) -> None:
         if self.path.is_file() and self.path.stat().st_size == 0:
@@ -256,9 +269,8 @@ class ResultStore:
                                  f"this gileak reads {SCHEMA_VERSION}); use another --out.")
 
     def _damaged(self, detail: str) -> str:
-        return (f"{self.path} is damaged ({detail}): SQLite cannot read all of it, so none of its results can "
-                "be trusted. Move it aside and run the bench again into this directory (everything is "
-                "computed afresh), or use another --out.")
+        return (f"{self.path} is damaged ({detail}), so none of its results can be trusted. Move it aside and "
+                "run the bench again into this directory (everything is computed afresh), or use another --out.")
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -271,8 +283,8 @@ class ResultStore:
     def explain(self, error: sqlite3.Error, doing: str = "using") -> GileakError:
         text = str(error).lower()
         run_dir = self.path.parent
-        if "full" in text:
-            return disk_full(run_dir, f"{doing} {self.path.name}")
+        if "full" in text or ("i/o error" in text and _nearly_full(run_dir)):  # SQLite says I/O error when its
+            return disk_full(run_dir, f"{doing} {self.path.name}", kept=doing != "creating")  # index cannot grow
         if "locked" in text or "busy" in text:
             return UserInputError(
                 f"{self.path} is locked by another process that holds it open for writing (SQLite: {error}; "
@@ -342,7 +354,11 @@ class ResultStore:
         if stored is None or not self.count():
             self.set_meta("budget", json.dumps(budget, sort_keys=True))
             return
-        old = json.loads(stored)
+        try:
+            old = json.loads(stored)
+            assert isinstance(old, dict)
+        except (ValueError, AssertionError) as e:
+            raise UserInputError(self._damaged(f"unreadable budget {stored!r}")) from e
         changed = [k for k in budget if old.get(k) != budget[k]]
         if changed:
             what = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (this run asks for {budget[k]})" for k in changed)
@@ -401,10 +417,15 @@ class ResultStore:
         rows = self._query("SELECT * FROM results ORDER BY position, seed, finished")
         victims: dict[tuple[str, str], list[VictimRecord]] = {}
         for cell, attack, _i, *values in self._query("SELECT * FROM victims ORDER BY cell, attack, idx"):
+            if not all(v is None or isinstance(v, (int, float)) for v in values):
+                raise UserInputError(self._damaged(f"a victim of {attack} holds a value that is not a number"))
             victims.setdefault((cell, attack), []).append(VictimRecord(*values))
         out = []
         for row in rows:
             values = dict(zip(columns, row))
+            wrong = [name for name in _NUMERIC if not (values[name] is None or isinstance(values[name], (int, float)))]
+            if wrong or values["status"] not in ("ok", "failed", "not applicable"):
+                raise UserInputError(self._damaged(f"a result holds an impossible {', '.join(wrong) or 'status'}"))
             if keys is not None and (values["cell"], values["attack"]) not in keys:
                 continue
             values.pop("finished")
@@ -425,16 +446,28 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return (stat.st_dev, stat.st_ino)
 
 
-def disk_full(run_dir: Path, doing: str) -> GileakError:
+def disk_full(run_dir: Path, doing: str, kept: bool = True) -> GileakError:
     """The message of a full disk (or quota) met while writing a run directory."""
+    if not kept:
+        return GileakError(f"The disk holding {run_dir} is full (while {doing}); nothing was computed yet. Free "
+                           "some space and run the same command again.")
     return GileakError(
         f"The disk holding {run_dir} is full (while {doing}). Every result finished before this one is kept "
         f"in {run_dir / FILENAME}; free some space and run the same command again to resume from there.")
 
 
-def write_error(error: OSError, path: Path, run_dir: Path) -> GileakError | None:
-    """A file of a run directory that could not be written, as a message; None when `error` is
-    not about the place (a full disk, a read-only or vanished directory)."""
+def _nearly_full(directory: Path) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(directory).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def write_error(error: OSError, path: Path, run_dir: Path) -> GileakError:
+    """A file of a run directory that could not be written, as a message that says where and
+    that the finished results are kept."""
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return disk_full(run_dir, f"writing {path}")
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -443,7 +476,8 @@ def write_error(error: OSError, path: Path, run_dir: Path) -> GileakError | None
                            "prints them.")
     if error.errno == errno.ENOENT:
         return GileakError(f"Cannot write {path}: its directory vanished while the run wrote it.")
-    return None
+    return GileakError(f"Cannot write {path}: {error.strerror or error}. The finished results are kept in "
+                       f"{run_dir / FILENAME}; `gileak leaderboard {run_dir}` prints them.")
 
 
 def atomic_write_text(path: Path, text: str, newline: str | None = None) -> Path:
@@ -480,6 +514,17 @@ def check_run_dir(run_dir: Path) -> None:
         hint = f" `gileak leaderboard {run_dir}` reads it as it is." if (run_dir / FILENAME).is_file() else ""
         raise UserInputError(f"--out {run_dir} {what} for this process: a bench cannot write its results "
                              f"there. Use another --out.{hint}")
+    for name, directory in _RUN_DIR_ENTRIES.items():
+        entry = run_dir / name
+        if entry.exists() and entry.is_dir() != directory:
+            what = "a directory" if directory else "a file"
+            raise UserInputError(f"{entry} is in the way: a bench writes {what} there. Move it, or use another --out.")
+
+
+#: What a bench writes into its run directory: name -> whether it is a directory.
+_RUN_DIR_ENTRIES = {FILENAME: False, LOCK_FILENAME: False, "spec.json": False, "victims.jsonl": False,
+                    "leaderboard.json": False, "privacy_utility.png": False, "reconstructions": True,
+                    "traces": True}
 
 
 class RunLock:
@@ -512,9 +557,12 @@ class RunLock:
     def claim(self) -> None:
         """Write this process's pid into the lock file, for the message a second writer gets; called
         once every check passed, so a command refused after taking the lock changes nothing."""
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: the lock holds all the same, only its message lacks the pid
+            pass
 
     def still_held(self) -> bool:
         """False when the lock file was deleted or replaced: a second writer could then lock a new one."""

@@ -367,6 +367,39 @@ def test_a_full_disk_keeps_the_finished_results_and_resumes(capsys, tmp_path, mo
     assert says(text, "1 finished result(s) reused") and stored_count(out) == 2
 
 
+@contextmanager
+def small_disk(tmp_path: Path, size_kb: int):
+    """A real filesystem of `size_kb` KiB (tmpfs), where mounting one is allowed (root with
+    CAP_SYS_ADMIN); skipped elsewhere."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small filesystem here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("free_kb", [20, 120])
+def test_a_real_full_disk_is_reported_and_leaves_a_readable_store(capsys, tmp_path, free_kb):
+    """On a 200 KiB filesystem filled up to `free_kb`: before the store exists (20) or after some
+    results (120), the bench exits 1 saying the disk is full, without a traceback, and whatever
+    store is left passes SQLite's check and is read by `gileak leaderboard`."""
+    with small_disk(tmp_path, 200) as disk:
+        (disk / "filler").write_bytes(b"\0" * ((200 - free_kb) * 1024))
+        out = disk / "run"
+        code, _, err = run(capsys, "bench", *TINY, "--attacks", "ig,ignore,dlg", "--defenses", "none,gc", "--out", out)
+        assert code == 1 and "Traceback" not in err and says(err, f"The disk holding {out} is full"), err
+        (disk / "filler").unlink()
+        if (out / FILENAME).exists():
+            code, text, err = run(capsys, "leaderboard", out, "--format", "json")
+            assert code == 0, err
+            assert len(json.loads(text)) == stored_count(out) < 6
+
+
 def test_a_figure_that_meets_a_full_disk_costs_no_stored_result(capsys, tmp_path, monkeypatch):
     import gileak.report.figures
 

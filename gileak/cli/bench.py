@@ -146,8 +146,7 @@ def show_result(result, run_dir: Path, console: Console, exports=(), title: str 
         try:
             return write()
         except OSError as e:
-            error = write_error(e, path, run_dir)
-            raise (error or GileakError(f"Cannot write {path}: {e}")) from e
+            raise write_error(e, path, run_dir) from e
 
     # The run directory's own leaderboard first: an export that fails later never costs it.
     written(run_dir / "leaderboard.json", lambda: export_rows(result.rows, run_dir / "leaderboard.json"))
