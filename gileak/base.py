@@ -95,6 +95,13 @@ class Dataset(Component):
         """Return train and test splits, pixels in [0, 1], at the dataset's native size."""
         raise NotImplementedError
 
+    def identity(self) -> dict[str, Any]:
+        """What the data is, where the parameters alone do not say it (a folder's resolved path and
+        the digest of its files): part of the results store's key, so results are reused only
+        for the same data. Keys override parameters of the same name. Default: nothing beyond
+        the parameters (data that ships inside a library)."""
+        return {}
+
 
 class Model(Component):
     """An architecture. `build` returns a module holding one `Slot` per insertion position."""

@@ -7,7 +7,8 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from gileak import registry
 from gileak.base import Attack, Client, Dataset, Defense, Model
 from gileak.errors import GileakError, NotApplicableError, UserInputError
-from gileak.spec import BenchSpec, ComponentRef
+from gileak.spec import KIND_FIELDS, BenchSpec, ComponentRef
 from gileak.store import CellFacts
 
 #: Spec fields every result of a run directory shares (see gileak.store).
@@ -28,10 +29,18 @@ class Resolved:
 
     ref: ComponentRef
     component: Any
+    _data_identity: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         return self.ref.label
+
+    def data_identity(self) -> dict[str, Any]:
+        """A dataset's `identity()`, taken once: a run keys its results by the data it found
+        when it was planned."""
+        if self._data_identity is None:
+            self._data_identity = self.component.identity() if isinstance(self.component, Dataset) else {}
+        return self._data_identity
 
 
 @dataclass
@@ -73,6 +82,8 @@ class TrainingCell:
 class Plan:
     spec: BenchSpec
     cells: list[TrainingCell]
+    #: (kind, label, label kept): spellings dropped because they name a component already planned.
+    same: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def rows_expected(self) -> int:
@@ -102,6 +113,8 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
     for dataset in datasets if check_data else ():  # missing files are the user's to fix: say so first
         info = dataset.component.info()
         check_clients(dataset, info, spec, clients)
+    spec, (datasets, models, defenses, attacks, clients), same = _one_spelling_each(
+        spec, (datasets, models, defenses, attacks, clients), data_identity=check_data)
     cells = [
         TrainingCell(dataset, model, defense, seed, attacks, clients)
         for dataset in datasets
@@ -109,7 +122,28 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
         for defense in defenses
         for seed in range(spec.seeds)
     ]
-    return Plan(spec, cells)
+    return Plan(spec, cells, same)
+
+
+def _one_spelling_each(spec: BenchSpec, resolved: tuple[list[Resolved], ...], data_identity: bool):
+    """Two spellings of one component (`cvb` and `cvb(kernel=5)`, `gc(ratio=.5)` and
+    `gc(ratio=0.5)`, one folder by two paths) are one component: the first spelling is kept, the
+    others are dropped and listed, so the component is announced, computed and shown once. The
+    returned spec lists the kept spellings (workers plan it again and must find the same cells)."""
+    fields = ("datasets", "models", "defenses", "attacks", "clients")
+    kept_lists, same = [], []
+    for name, components in zip(fields, resolved):
+        kept: dict[str, Resolved] = {}
+        for component in components:
+            key = component_id(component, data_identity=data_identity)
+            if key in kept:
+                same.append((KIND_FIELDS[name], component.label, kept[key].label))
+            else:
+                kept[key] = component
+        kept_lists.append(list(kept.values()))
+    if same:
+        spec = spec.model_copy(update={name: [r.ref for r in kept] for name, kept in zip(fields, kept_lists)})
+    return spec, tuple(kept_lists), same
 
 
 def check_clients(dataset: Resolved, info, spec: BenchSpec, clients: list[Resolved]) -> None:
@@ -235,32 +269,37 @@ class CellOutcome(CellFacts):
     attacks: list[AttackOutcome] = field(default_factory=list)
 
 
-def cell_id(cell: TrainingCell) -> str:
-    """The store key of a training cell: each component by name and full parameters, and the seed."""
+def component_id(resolved: Resolved, data_identity: bool = True) -> str:
+    """A component's identity in the store: its name, its full validated parameters, and for a
+    dataset what its data is (`Dataset.identity()`, whose keys override parameters of the same
+    name, as a folder's resolved path overrides the path as written)."""
     from gileak.store import canonical
 
-    parts = [canonical(r.ref.name, r.component.params.model_dump(mode="json"))
-             for r in (cell.dataset, cell.model, cell.defense)]
+    params = resolved.component.params.model_dump(mode="json")
+    if data_identity:
+        params.update(resolved.data_identity())
+    return canonical(resolved.ref.name, params)
+
+
+def cell_id(cell: TrainingCell) -> str:
+    """The store key of a training cell: each component's identity, and the seed."""
+    parts = [component_id(r) for r in (cell.dataset, cell.model, cell.defense)]
     return " | ".join(parts) + f" | seed={cell.seed}"
 
 
 def attack_id(attack: Resolved | Job) -> str:
-    """The store key of an attack's results: the attack by name and full parameters and, unless
-    it is the paper's gradient(batch=1) (whose results were stored before clients existed and
-    keep their key), ` @ ` and the client by name and full parameters."""
-    from gileak.store import canonical
-
+    """The store key of an attack's results: the attack's `component_id` and, unless the client
+    is the paper's gradient(batch=1) (whose results were stored before clients existed and keep
+    their key), ` @ ` and the client's."""
     if isinstance(attack, Job):
-        key = attack_id(attack.attack)
+        key = component_id(attack.attack)
         client = client_id(attack.client)
         return key if client == DEFAULT_CLIENT else f"{key} @ {client}"
-    return canonical(attack.ref.name, attack.component.params.model_dump(mode="json"))
+    return component_id(attack)
 
 
 def client_id(client: Resolved) -> str:
-    from gileak.store import canonical
-
-    return canonical(client.ref.name, client.component.params.model_dump(mode="json"))
+    return component_id(client)
 
 
 #: The identity of the paper's threat model, gradient(batch=1): its results keep their old key.
@@ -584,16 +623,21 @@ class ResumeInfo:
 
 class Runner:
     """Runs a plan's missing results into the run directory's store, then builds the leaderboard
-    from the store. A failing cell is recorded with its reason; the rest go on."""
+    from the store. A failing cell is recorded with its reason; the rest go on.
+
+    Creating a Runner checks everything that can be known before a run — the device, the
+    executor, that `out` is a directory this process can write, the directory's lock and
+    budget — and writes nothing until all of it passed. From then on it holds the directory's
+    lock (`store.RunLock`) until `close()` or the end of the process."""
 
     def __init__(self, plan: Plan, out: Path, advance: Callable[[int], None] | None = None,
                  describe: Callable[[str], None] | None = None, debug: bool = False,
                  executor: str = "local", workers: int | None = None, ray_address: str | None = None) -> None:
-        from gileak.store import ResultStore
+        from gileak.store import ResultStore, RunLock, check_run_dir
 
         self.plan = plan
         self.spec = plan.spec
-        self.out = out
+        self.out = Path(out)
         self.advance = advance or (lambda n: None)
         self.describe = describe or (lambda s: None)
         self.debug = debug
@@ -601,8 +645,21 @@ class Runner:
         self.workers = workers
         self.ray_address = ray_address
         self.traces: list[Path] = []
-        self.store = ResultStore(out)
-        self.store.check_budget({k: getattr(self.spec, k) for k in BUDGET_FIELDS})
+        if executor == "ray":  # the cluster's devices are known once it is reached
+            _require_ray()
+            self.device = self.spec.device
+        else:
+            self.device = pick_device(self.spec.device)
+        check_run_dir(self.out)
+        self.store = None
+        self.lock = RunLock(self.out)
+        try:
+            self.store = ResultStore(self.out)
+            self.store.check_budget({k: getattr(self.spec, k) for k in BUDGET_FIELDS})
+        except BaseException:
+            self.close()
+            raise
+        self.lock.claim()
         self.resume = ResumeInfo()
         self.todo = self._todo()
         groups = dict.fromkeys((c.dataset.label, c.model.label, c.defense.label) for c in plan.cells)
@@ -633,13 +690,27 @@ class Runner:
     def work_units(self) -> int:
         return sum(self.spec.rounds + len(attacks) * self.spec.iterations for _, attacks in self.todo)
 
+    def close(self) -> None:
+        """Close the store and release the directory's lock."""
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.lock.release()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     def run(self) -> RunResult:
         import torch
 
         from gileak import metrics
+        from gileak.store import atomic_write_text
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "spec.json").write_text(self.spec.model_dump_json(indent=2))
+        with self._writing(self.out / "spec.json"):
+            atomic_write_text(self.out / "spec.json", self.spec.model_dump_json(indent=2))
         self.store.clear_all_running()
         lpips_available, _ = metrics.lpips_status()
         try:
@@ -654,16 +725,51 @@ class Runner:
                     run_pool(self, lpips_available, self._worker_devices())
                 else:
                     self._run_local(lpips_available)
-        finally:
+        except BaseException:
+            if self._directory_intact():  # else the error that says so is under way: write nothing
+                try:
+                    write_victims_log(self.store, self.out / "victims.jsonl")
+                except (OSError, GileakError):  # the error under way (a full disk, Ctrl-C) is the one to tell
+                    pass
+            raise
+        with self._writing(self.out / "victims.jsonl"):
             write_victims_log(self.store, self.out / "victims.jsonl")
+        self.check_directory()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return build_result(self.store, self._planned_keys(), self.out, traces=self.traces)
+
+    def _directory_intact(self) -> bool:
+        try:
+            self.check_directory()
+        except GileakError:
+            return False
+        return True
+
+    def check_directory(self) -> None:
+        """Raise when the store or the lock file was deleted or replaced during the run (then the
+        results are not where the run says, or a second writer may have started)."""
+        self.store.still_there()
+        if not self.lock.still_held():
+            raise GileakError(f"{self.lock.path} was deleted or replaced while this run wrote {self.out}, so "
+                              "another bench may have started writing it too. Check the directory, then run "
+                              "the same command again: finished results are reused.")
+
+    @contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """A file of the run directory that cannot be written (full disk, read-only, vanished) as
+        a message that says where and that finished results are kept."""
+        from gileak.store import write_error
+
+        try:
+            yield
+        except OSError as e:
+            raise write_error(e, path, self.out) from e
 
     def _worker_devices(self) -> list[str]:
         """Devices of the local worker processes; empty: run in this process."""
         import torch
 
-        device = pick_device(self.spec.device)
+        device = self.device
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         workers = self.workers if self.workers is not None else (gpus if gpus > 1 else 1)
         if workers <= 1 or len(self.todo) <= 1:
@@ -673,7 +779,7 @@ class Runner:
         return ["cpu"] * workers
 
     def _run_local(self, lpips_available: bool) -> None:
-        device = pick_device(self.spec.device)
+        device = self.device
         splits = _Splits()
         for index, attacks in self.todo:
             cell = self.plan.cells[index]
@@ -685,7 +791,8 @@ class Runner:
             self.store.clear_running(cid)
 
     def persist(self, index: int, outcome: CellOutcome, result: AttackOutcome) -> None:
-        """Store one finished attack (one transaction) and write its figure and trace files."""
+        """Store one finished attack (one transaction), then write its figure and trace files:
+        a figure that cannot be written never costs a stored result."""
         from gileak.report.figures import save_reconstruction_grid
         from gileak.store import StoredResult
 
@@ -694,29 +801,30 @@ class Runner:
         job = next(j for j in jobs if j.label == result.label)
         position = self._group_position(cell) * len(jobs) + jobs.index(job)
         key = (cell.dataset.label, cell.model.label, cell.defense.label, job.attack.label)
-        default_client = client_id(job.client) == DEFAULT_CLIENT
-        # (the paper's client keeps the figure names results had before clients existed)
-        slug = _slug("__".join(key if default_client else (*key[:3], job.client.label, key[3])))
-        slug += f"__seed{cell.seed}"
+        # the paper's client is left out of file names, as before clients existed
+        named = key if client_id(job.client) == DEFAULT_CLIENT else (*key[:3], job.client.label, key[3])
+        slug = _slug(*named, f"seed{cell.seed}", identity=f"{cell_id(cell)} || {result.attack}")
         note = result.note or None
-        if result.status == "ok":
-            per_victim = job.client.component.images_per_victim()
-            save_reconstruction_grid(result.originals, result.reconstructions,
-                                     self.out / "reconstructions" / f"{slug}.png",
-                                     columns=max(per_victim, 16 // per_victim * per_victim))
-            if self.spec.trace:
-                if result.trace is None:
-                    note = "; ".join(filter(None, [note, "this attack does not record gradient traces"]))
-                else:
-                    from gileak.report.figures import save_trace
-
-                    title = " | ".join((*key[:3], job.client.label, key[3]))
-                    self.traces += save_trace(result.trace, self.out / "traces" / slug, title)
+        traced = self.spec.trace and result.status == "ok"
+        if traced and result.trace is None:
+            note = "; ".join(filter(None, [note, "this attack does not record gradient traces"]))
         self.store.put(StoredResult(
             cell=cell_id(cell), attack=result.attack, dataset=key[0], model=key[1], defense=key[2],
             seed=cell.seed, attack_label=key[3], position=position, status=result.status, error=result.error,
             note=note, seconds=result.seconds, victims=result.victims, client=job.client.label, **outcome.facts(),
         ))
+        self.check_directory()
+        if result.status == "ok":
+            grid = self.out / "reconstructions" / f"{slug}.png"
+            per_victim = job.client.component.images_per_victim()
+            with self._writing(grid):  # a victim's batch stays on one line (16 images, or its whole batch)
+                save_reconstruction_grid(result.originals, result.reconstructions, grid,
+                                         columns=max(per_victim, 16 // per_victim * per_victim))
+            if traced and result.trace is not None:
+                from gileak.report.figures import save_trace
+
+                with self._writing(self.out / "traces" / slug):
+                    self.traces += save_trace(result.trace, self.out / "traces" / slug, " | ".join(named))
 
     def _group_position(self, cell: TrainingCell) -> int:
         return self._groups[(cell.dataset.label, cell.model.label, cell.defense.label)]
@@ -737,9 +845,9 @@ def write_victims_log(store, path: Path) -> None:
                 "lpips": v.lpips, "iterations": v.iterations, "loss": v.loss, "label_accuracy": v.label_accuracy,
                 "label_baseline": v.label_baseline,
             }))
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    from gileak.store import atomic_write_text
+
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, traces=None) -> RunResult:
@@ -751,7 +859,7 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     failures: list[tuple[str, str]] = []
     notes: list[tuple[str, str]] = []
     lpips_missing = False
-    for r in store.results(keys):
+    for r in _set_apart(store.results(keys), notes):
         key = (r.dataset, r.model, r.defense, r.client, r.attack_label)
         where = " | ".join(key)
         results.setdefault(key, [])
@@ -786,6 +894,34 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     real_failures = [(w, r) for w, r in failures if not r.startswith(NOT_APPLICABLE)]
     notes += [(w, r) for w, r in failures if r.startswith(NOT_APPLICABLE)]
     return RunResult(rows, real_failures, lpips_reason, out=out, notes=notes, traces=list(traces or []))
+
+
+def _set_apart(results: list, notes: list[tuple[str, str]]) -> list:
+    """Results that share their labels but not their identity — a folder whose images changed
+    between two runs into one directory, one folder name in two working directories, an attack
+    whose parameters gained a default — are different rows, never pooled: the label of the
+    component that differs gets a mark (` #2`, ` #3`, ...) in order of appearance, and a note
+    says why."""
+    firsts: dict[tuple[str, ...], list[list[str]]] = {}
+    for r in results:
+        labels = (r.dataset, r.model, r.defense, r.client, r.attack_label)
+        identity = [*r.cell.rsplit(" | seed=", 1)[0].split(" | "), r.attack]
+        known = firsts.setdefault(labels, [])
+        if identity not in known:
+            known.append(identity)
+        number = known.index(identity) + 1
+        if number == 1:
+            continue
+        parts = ["dataset", "model", "defense", "attack"]
+        differs = [part for part, mine, first in zip(parts, identity, known[0]) if mine != first] or ["attack"]
+        for part in differs:
+            name = "attack_label" if part == "attack" else part
+            setattr(r, name, f"{getattr(r, name)} #{number}")
+        note = (f"results of different {'/'.join(differs)}s are stored under these labels (data or "
+                f"parameters changed between runs into this directory); each is its own row, numbered")
+        if (" | ".join(labels), note) not in notes:
+            notes.append((" | ".join(labels), note))
+    return results
 
 
 def _rows(results, failures, lpips_reason) -> list[dict[str, Any]]:
@@ -848,5 +984,21 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_=." else "_" for c in text)[:180]
+def _slug(*parts: str, identity: str = "") -> str:
+    """A file name for a result (without suffix): a readable prefix of its labels, and a hash of
+    the labels and the result's `identity` (its store key), so two results never share a file
+    however alike their labels (cut, case-folded, with their odd characters replaced, or the
+    same labels for other data). ASCII only, at most ~140 bytes; dots are kept, so callers
+    append suffixes and never replace them (`with_suffix` would eat `.1__ig`)."""
+    import hashlib
+
+    readable = "".join(c if (c.isascii() and c.isalnum()) or c in "-_=." else "_" for c in "__".join(parts))
+    digest = hashlib.sha256(json.dumps([parts, identity]).encode()).hexdigest()[:12]
+    return f"{readable.strip('.')[:120]}-{digest}"
+
+
+def _require_ray() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserInputError("--executor ray needs Ray: pip install 'gileak[ray]'")

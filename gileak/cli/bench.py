@@ -88,9 +88,10 @@ def bench(
     )
     if executor not in ("local", "ray"):
         raise UserInputError(f"Unknown executor '{executor}'. Use local or ray.")
+    from gileak.report.exporters import check_export_path
+
     for path in bench_spec.exports:
-        if path.suffix.lower() not in (".md", ".csv", ".json"):
-            raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
+        check_export_path(path)
     console = cli_console()
     if dry_run:
         _dry_run(bench_spec, console)
@@ -98,13 +99,20 @@ def bench(
     the_plan = plan(bench_spec)
     run_dir = bench_spec.out or _default_out()
     state.run_dir = run_dir
-    runner = Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
-                    ray_address=ray_address)
+    # Everything that can refuse the command (device, executor, --out, the directory's lock and
+    # budget) is checked here, before any file is written.
+    with Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
+                ray_address=ray_address) as runner:
+        _run(runner, the_plan, bench_spec, run_dir, console)
+
+
+def _run(runner, the_plan, bench_spec, run_dir: Path, console: Console) -> None:
     console.print(
         f"[bold]gileak bench[/]: {len(the_plan.cells)} training cell(s) -> {the_plan.rows_expected} row(s); "
         f"{bench_spec.victims} victims x {bench_spec.iterations} iterations per attack, "
         f"{bench_spec.rounds} training round(s); run directory {run_dir}"
     )
+    _say_same(the_plan, console)
     resume = runner.resume
     if resume.reused or resume.retried or resume.interrupted:
         parts = [f"{resume.reused} finished result(s) reused"]
@@ -125,6 +133,7 @@ def bench(
         runner.describe = lambda text: progress.update(task, description=text)
         result = runner.run()
     show_result(result, run_dir, console, bench_spec.exports)
+    runner.check_directory()  # the leaderboard was drawn from a store that is still the directory's
     if result.traces:
         console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
     if result.failures:
@@ -133,17 +142,31 @@ def bench(
 
 def show_result(result, run_dir: Path, console: Console, exports=(), title: str = "gileak leaderboard") -> None:
     """The leaderboard, its exports and figures, notes and failures of a run directory."""
+    from gileak.errors import GileakError
     from gileak.report import export as export_rows
     from gileak.report import render_leaderboard
     from gileak.report.figures import save_privacy_utility
+    from gileak.store import write_error
 
+    def written(path: Path, write) -> Path | None:
+        try:
+            return write()
+        except OSError as e:
+            raise write_error(e, path, run_dir) from e
+
+    # The run directory's own leaderboard first: an export that fails later never costs it.
+    written(run_dir / "leaderboard.json", lambda: export_rows(result.rows, run_dir / "leaderboard.json"))
     render_leaderboard(result.rows, console=console, title=title)
     for path in exports:
-        export_rows(result.rows, path)
+        try:
+            written(path, lambda path=path: export_rows(result.rows, path))
+        except GileakError as e:
+            raise GileakError(f"{e} The leaderboard is in {run_dir / 'leaderboard.json'}; `gileak leaderboard "
+                              f"{run_dir} -o FILE` writes it again.") from e
         console.print(f"Exported {path}")
-    export_rows(result.rows, run_dir / "leaderboard.json")
     console.print(f"Reconstructions (originals above, reconstructions below): {run_dir / 'reconstructions'}")
-    figure = save_privacy_utility(result.rows, run_dir / "privacy_utility.png")
+    figure = written(run_dir / "privacy_utility.png",
+                     lambda: save_privacy_utility(result.rows, run_dir / "privacy_utility.png"))
     if figure is not None:
         console.print(f"Privacy-utility figure: {figure}")
     for where, note in result.notes:
@@ -154,6 +177,12 @@ def show_result(result, run_dir: Path, console: Console, exports=(), title: str 
             console.print(f"  [red]{escape(where)}[/]: {escape(reason)}", highlight=False)
 
 
+def _say_same(the_plan, console: Console) -> None:
+    for kind, label, kept in the_plan.same:
+        console.print(f"  {label} is the same {kind} as {kept} (the same parameters, defaults included): it is "
+                      f"run once and shown as {kept}.", markup=False, highlight=False)
+
+
 def _dry_run(bench_spec, console: Console) -> None:
     """Print the plan and its estimated cost; run nothing, write nothing."""
     from rich.table import Table
@@ -162,13 +191,14 @@ def _dry_run(bench_spec, console: Console) -> None:
     from gileak.runner import pick_device, plan
 
     the_plan = plan(bench_spec, check_data=False)
-    s = bench_spec
+    s = the_plan.spec  # one spelling of each component
     device = pick_device(s.device)
     console.print(f"[bold]gileak bench --dry-run[/] (profile {s.profile}): {len(the_plan.cells)} training cell(s) "
                   f"-> {the_plan.rows_expected} row(s); nothing is run")
     console.print(f"  datasets {', '.join(r.label for r in s.datasets)}; models {', '.join(r.label for r in s.models)}; "
                   f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}; "
                   f"clients {', '.join(r.label for r in s.clients)}")
+    _say_same(the_plan, console)
     console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each "
                   f"(ig/ignore: lr x0.1 after {max(1, round(0.02 * s.iterations)):,} iterations without a better "
                   f"loss, stop after {max(1, round(0.2 * s.iterations)):,})")

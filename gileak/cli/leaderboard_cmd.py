@@ -17,7 +17,7 @@ def leaderboard(
                                                    "terminal (md, csv or json).")] = None,
     figure: Annotated[Optional[Path], typer.Option("--figure", help="Also draw the privacy-utility figure "
                                                    "(accuracy against 1 - SSIM, the paper's Fig. 11) of "
-                                                   "every stored row to this PNG.")] = None,
+                                                   "every stored row to this file (.png, .pdf or .svg).")] = None,
 ) -> None:
     """Print the leaderboard of every result stored in a run directory (all its runs, merged)."""
     from gileak.errors import UserInputError
@@ -34,6 +34,14 @@ def leaderboard(
             raise UserInputError(f"Cannot write a table to '{output}': give --format md, csv or json, or a file "
                                  "ending in .md, .csv or .json.")
         fmt = suffix
+    if output is not None:
+        from gileak.report.exporters import check_output_path
+
+        check_output_path(output)
+    if figure is not None:
+        from gileak.report.figures import check_figure_path
+
+        check_figure_path(figure)
     store = ResultStore.open_existing(run_dir)
     try:
         result = build_result(store, None, run_dir)
@@ -58,6 +66,8 @@ def leaderboard(
     if output is None:
         typer.echo(text, nl=False)
     else:
+        from gileak.store import atomic_write_text
+
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        atomic_write_text(output, text, newline="" if fmt == "csv" else None)
         typer.echo(f"Wrote {output}")

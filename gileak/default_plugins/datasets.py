@@ -154,6 +154,33 @@ def _folder_layout(path: str) -> tuple[list[str], list[list[Path]]]:
     return [root.name or "images"], [files]
 
 
+_file_hashes: dict[tuple[str, int, int, int], str] = {}
+
+
+def _manifest_digest(root: Path, files: list[Path]) -> str:
+    """sha256 over (relative name, size, sha256 of the content) of `files`. A file's hash is kept
+    for this process while its size, mtime and inode stay the same, so repeated identity checks
+    of one run hash each image once."""
+    import hashlib
+
+    manifest = hashlib.sha256()
+    for file in files:
+        try:
+            stat = file.stat()
+            key = (str(file), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            if key not in _file_hashes:
+                content = hashlib.sha256()
+                with file.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        content.update(block)
+                _file_hashes[key] = content.hexdigest()
+        except OSError as e:
+            raise DataUnavailableError(f"folder: cannot read {file}: {e.strerror}") from e
+        name = file.relative_to(root).as_posix()
+        manifest.update(f"{len(name)}:{name}:{stat.st_size}:{_file_hashes[key]}\n".encode())
+    return manifest.hexdigest()
+
+
 class Folder(Dataset):
     """Your own images: an ImageFolder tree (one sub-folder per class) or a flat folder (one class)."""
 
@@ -171,6 +198,14 @@ class Folder(Dataset):
             raise DataUnavailableError(f"folder: channels must be 1 or 3, got {self.params.channels}.")
         names, _ = _folder_layout(self.params.path)
         return DatasetInfo((self.params.channels, self.params.size, self.params.size), len(names), tuple(names))
+
+    def identity(self) -> dict[str, str]:
+        """The folder as it is on disk: its resolved path and a digest of every image it uses
+        (relative name, size, content hash), so the same name in another directory, or images
+        changed in place, are other data."""
+        root = Path(self.params.path).expanduser().resolve()
+        _, files_per_class = _folder_layout(str(root))
+        return {"path": str(root), "files": _manifest_digest(root, [f for files in files_per_class for f in files])}
 
     def load(self, seed: int = 0) -> Splits:
         import numpy as np

@@ -67,12 +67,41 @@ def to_text(rows: list[dict[str, Any]], fmt: str) -> str:
     raise UserInputError(f"Unknown format '{fmt}': use md, csv or json.")
 
 
+def check_output_path(path: str | Path) -> None:
+    """Refuse, before any work, a file path that names a directory, sits under a file, or is in a
+    place this process cannot write."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"Cannot write '{path}': it is a directory; give a file name.")
+    existing = path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"Cannot write '{path}': {existing} is a file, not a directory.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserInputError(f"Cannot write '{path}': the file is read-only for this process.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"Cannot write '{path}': {existing} is read-only for this process.")
+
+
+def check_export_path(path: str | Path) -> None:
+    """An export's suffix and place, checked before a run."""
+    path = Path(path)
+    if path.suffix.lower() not in (".md", ".csv", ".json"):
+        raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
+    check_output_path(path)
+
+
 def export(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write `rows` to `path`: .md (a Markdown table), .csv, or .json (a list of row objects)."""
+    """Write `rows` to `path`: .md (a Markdown table), .csv, or .json (a list of row objects);
+    whole or not at all (a reader never finds half an export)."""
+    from gileak.store import atomic_write_text
+
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".md", ".csv", ".json"):
         raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_text(rows, suffix[1:]), newline="" if suffix == ".csv" else None)
-    return path
+    return atomic_write_text(path, to_text(rows, suffix[1:]), newline="" if suffix == ".csv" else None)

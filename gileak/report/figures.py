@@ -44,7 +44,8 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
 
 def save_trace(trace, stem: str | Path, title: str = "") -> list[Path]:
     """Write a gradient trace as `<stem>.csv` (iteration, victim, one cosine column per layer)
-    and `<stem>.png` (mean cosine over victims per layer vs iteration, as paper Fig. 6)."""
+    and `<stem>.png` (mean cosine over victims per layer vs iteration, as paper Fig. 6). The
+    suffixes are appended to the whole stem, which may hold dots (`dp(sigma=0.1)`)."""
     import csv
 
     import matplotlib
@@ -56,7 +57,7 @@ def save_trace(trace, stem: str | Path, title: str = "") -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     cosine = trace.cosine.float()  # (T, N, L)
     steps, victims, _ = cosine.shape
-    csv_path = stem.with_suffix(".csv")
+    csv_path = stem.with_name(stem.name + ".csv")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["iteration", "victim", *trace.layers])
@@ -79,10 +80,26 @@ def save_trace(trace, stem: str | Path, title: str = "") -> list[Path]:
     axis.legend(fontsize=7, loc="lower right")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    png_path = stem.with_suffix(".png")
+    png_path = stem.with_name(stem.name + ".png")
     figure.savefig(png_path)
     plt.close(figure)
     return [csv_path, png_path]
+
+
+#: Figure formats matplotlib writes with its own backends (no LaTeX, no optional codec).
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+def check_figure_path(path: str | Path) -> None:
+    """Refuse, before any work, a figure path whose suffix matplotlib cannot write."""
+    from gileak.errors import UserInputError
+    from gileak.report.exporters import check_output_path
+
+    path = Path(path)
+    if path.suffix.lower() not in FIGURE_FORMATS:
+        raise UserInputError(f"Cannot draw a figure to '{path}': gileak draws figures as "
+                             f"{', '.join(FIGURE_FORMATS)} files; give a file name ending in one of them.")
+    check_output_path(path)
 
 
 def save_privacy_utility(rows, path: str | Path, threshold: float = 0.5) -> Path | None:
