@@ -92,6 +92,16 @@ def pick_victims(train_indices, count: int, seed: int) -> torch.Tensor:
     return train_indices[torch.randperm(len(train_indices), generator=generator)[:count]]
 
 
+def stratified_test_count(class_size: int, test_fraction: float) -> int:
+    """Test images `train_test_split` takes from a class of `class_size`: its rounded share,
+    but at least one and never all when the class has two or more. Datasets use it to declare
+    their split sizes without reading a pixel."""
+    n_test = int(round(class_size * test_fraction))
+    if class_size > 1:
+        n_test = min(max(n_test, 1), class_size - 1)
+    return n_test
+
+
 def train_test_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float, seed: int):
     """A seeded, stratified split: each class gives the same share to the test set."""
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -100,9 +110,7 @@ def train_test_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: 
     for cls in labels.unique(sorted=True):
         idx = (labels == cls).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
-        n_test = int(round(len(idx) * test_fraction))
-        if len(idx) > 1:
-            n_test = min(max(n_test, 1), len(idx) - 1)
+        n_test = stratified_test_count(len(idx), test_fraction)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     train_idx = torch.cat(train).sort().values
