@@ -38,3 +38,13 @@ class NotApplicableError(GileakError):
 
 class CellError(GileakError):
     """A benchmark cell failed at run time; the others still run."""
+
+
+class NothingToAttackError(GileakError):
+    """A victim's shared gradient is all zeros or not finite: there is nothing an attack could
+    measure, so the result fails instead of scoring "no leakage" (exit code 1)."""
+
+
+class DivergedError(GileakError):
+    """A loss or the model's weights became NaN or infinite (training, an attack, a defense's
+    noise): the numbers that would follow measure nothing (exit code 1)."""

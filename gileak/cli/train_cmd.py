@@ -62,30 +62,37 @@ def train(
     import torch
 
     from gileak import data, fl, metrics
+    from gileak.errors import UserInputError
     from gileak.nets import count_trainable
-    from gileak.runner import build_net, pick_device
+    from gileak.runner import build_net, check_buildable, pick_device
 
     if profile not in PROFILES:
-        from gileak.errors import UserInputError
-
         raise UserInputError(f"Unknown profile '{profile}'. Use one of: {', '.join(PROFILES)}.")
+    if not math.isfinite(lr):
+        raise UserInputError(f"--lr must be a finite number, not {lr}.")
     rounds = rounds or PROFILES[profile]["rounds"]
     seeds = seeds or PROFILES[profile]["seeds"]
     model_c, defense_c = _one(model, "model"), _one(defense, "defense")
     dataset_c = _one(dataset, "dataset", data_root=data_root)
-    dataset_c.info()
+    info = dataset_c.info()
+    if info.num_classes < 2:
+        raise UserInputError(f"{dataset} has {info.num_classes} class(es): a classifier needs at least two.")
+    if info.train_size is not None and info.train_size < clients:
+        raise UserInputError(f"{dataset} has {info.train_size} training image(s), too few to share among "
+                             f"{clients} clients; use --clients {max(1, info.train_size)} or fewer.")
+    if info.test_size == 0:
+        raise UserInputError(f"{dataset} has no test images to measure accuracy on; give it a test split.")
+    check_buildable(model_c, defense_c, info, where=f"{model} + {defense} on {dataset}")
     run_device = pick_device(device)
     out = out or Path("gileak-runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=json_output)
     splits = dataset_c.load(seed=0)
     input_shape = model_c.input_shape(tuple(splits.train_images.shape[1:]))
-    num_classes = dataset_c.info().num_classes
+    num_classes = info.num_classes
     train_x = data.fit_images(splits.train_images, input_shape)
     test_x = data.fit_images(splits.test_images, input_shape)
     if len(test_x) == 0:
-        from gileak.errors import UserInputError
-
         raise UserInputError(f"{dataset} has no test images to measure accuracy on; give it a test split.")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
