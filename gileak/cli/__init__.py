@@ -41,8 +41,7 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gileak` script. Returns (and exits with) the exit code."""
-    from rich.console import Console
-
+    from gileak.cli.state import console, styled
     from gileak.errors import GileakError, UserInputError
 
     args = sys.argv[1:] if argv is None else argv
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         _plain_warnings()
     state.exit_code = 0
     state.run_dir = None
-    err = Console(stderr=True)
+    err = console(stderr=True)
     try:
         returned = app(args=args, prog_name="gileak", standalone_mode=False)
         code = state.exit_code
@@ -63,17 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:
         if state.debug:
             raise
-        err.print(f"[bold red]Error:[/] {e}", markup=True, highlight=False)
+        err.print(styled(("Error:", "bold red"), f" {e}"), highlight=False)
         code = EXIT_USER_ERROR
     except GileakError as e:
         if state.debug:
             raise
-        err.print(f"[bold red]Error:[/] {e}", highlight=False)
+        err.print(styled(("Error:", "bold red"), f" {e}"), highlight=False)
         code = EXIT_RUN_FAILED
     except KeyboardInterrupt:
         where = f" (--out {state.run_dir})" if state.run_dir else ""
-        err.print(f"[yellow]Interrupted.[/] Finished results are in the run directory{where}; run the same "
-                  f"command with that --out again to resume.", highlight=False)
+        err.print(styled(("Interrupted.", "yellow"), f" Finished results are in the run directory{where}; run the "
+                         "same command with that --out again to resume."), highlight=False)
         code = EXIT_INTERRUPTED
     except Exception as e:  # the command-line parser's own usage errors, exits and aborts
         code = _parser_exit_code(e)

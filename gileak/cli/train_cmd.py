@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from gileak.cli import completion
-from gileak.cli.state import state
+from gileak.cli.state import console as cli_console
+from gileak.cli.state import state, styled
 
 
 #: Training budgets; the other FedAvg settings (10 clients, 1 local epoch, Adam 1e-3, batch 64,
@@ -86,7 +85,7 @@ def train(
     run_device = pick_device(device)
     out = out or Path("gileak-runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=json_output)
+    console = cli_console(stderr=json_output)
     splits = dataset_c.load(seed=0)
     input_shape = model_c.input_shape(tuple(splits.train_images.shape[1:]))
     num_classes = info.num_classes
@@ -98,8 +97,8 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
         for seed in range(seeds):
             task = progress.add_task(f"seed {seed}: training", total=rounds)
             net = build_net(model_c, defense_c, input_shape, num_classes, seed, run_device)
@@ -129,11 +128,11 @@ def train(
         typer.echo(json.dumps(summary, indent=2))
         return
     eps = f", ε = {summary['epsilon']:.3g} at δ = 1e-5" if epsilons else ""
-    console.print(
-        f"[bold]{escape(model)} + {escape(defense)} on {escape(dataset)}[/]: test accuracy "
-        f"[bold]{100 * accuracy_mean:.2f} ± {100 * accuracy_std:.2f} %[/] over {seeds} seed(s); "
-        f"rounds run {summary['rounds_per_seed']}{eps}; {params:,} trainable parameters."
-    )
+    console.print(styled(
+        (f"{model} + {defense} on {dataset}", "bold"), ": test accuracy ",
+        (f"{100 * accuracy_mean:.2f} ± {100 * accuracy_std:.2f} %", "bold"),
+        f" over {seeds} seed(s); rounds run {summary['rounds_per_seed']}{eps}; {params:,} trainable parameters.",
+    ))
     console.print(f"Accuracy curves, checkpoints and summary.json: {out}")
 
 
