@@ -80,9 +80,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
     finally:
         warnings.showwarning = shown
+    if args and not {"--help", "--install-completion", "--show-completion"} & set(args):  # help stays fast
+        _notice_failed_plugins()
     if argv is None:
         sys.exit(code)
     return code
+
+
+def _notice_failed_plugins() -> None:
+    """Every command says, in one line on stderr, when a plugin failed to load: its components
+    are missing from every list and run, and `gileak plugins` tells why."""
+    from gileak.plugins import failed_plugins_notice
+
+    try:
+        notice = failed_plugins_notice()
+    except Exception:  # noqa: BLE001 — loading failed outright; the command itself has said so
+        return
+    if notice:
+        print(notice, file=sys.stderr)
 
 
 def _plain_warnings() -> None:
