@@ -24,13 +24,26 @@ def data_root(override: str | os.PathLike | None = None) -> Path:
     It is handed unchanged, as `root`, to torchvision's and medmnist's own dataset classes, so a
     directory you already keep for them works as it is."""
     if override is not None and str(override) != "":
-        return Path(override).expanduser()
+        return user_path(override, "the data root")
     from_env = os.environ.get(DATA_ROOT_ENV, "")
     if from_env:
-        return Path(from_env).expanduser()
+        return user_path(from_env, DATA_ROOT_ENV)
     cache = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
+    base = user_path(cache, "XDG_CACHE_HOME") if cache else Path.home() / ".cache"
     return base / "gileak"
+
+
+def user_path(text: str | os.PathLike, what: str) -> Path:
+    """A path the user wrote, with ~ expanded; one that cannot name a file (a NUL byte, an unknown
+    ~user) is the user's to fix (UserInputError), not a traceback."""
+    try:
+        path = Path(text).expanduser()
+        os.fsencode(path)  # a surrogate that stands for no byte cannot reach the file system either
+    except (ValueError, RuntimeError, UnicodeError) as e:
+        raise UserInputError(f"{what}: {str(text)!r} is not a usable path ({e}).") from e
+    if "\x00" in str(path):
+        raise UserInputError(f"{what}: {str(text)!r} is not a usable path (it holds a NUL byte).")
+    return path
 
 
 def fit_images(images: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

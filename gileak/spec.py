@@ -120,6 +120,11 @@ def _expand(name: str, grid: dict[str, list[Any]], original: str | None = None) 
 
 def parse_components(text: str) -> list[ComponentRef]:
     """A comma-separated list of components, each possibly a grid."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # labels go into the store, the exports and the terminal as UTF-8
+        raise SpecError(f"{text!r} is not valid text ({e.reason} at position {e.start}); undecodable bytes "
+                        "in the command line or spec file?") from e
     refs: list[ComponentRef] = []
     for item in _split_top_level(text, ","):
         refs.extend(parse_component(item))

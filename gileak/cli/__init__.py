@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from gileak.errors import GileakError, UserInputError
 
     args = sys.argv[1:] if argv is None else argv
+    _forgiving_output()
     state.debug = "--debug" in args
     shown = warnings.showwarning
     if not state.debug:
@@ -98,6 +99,18 @@ def _notice_failed_plugins() -> None:
         return
     if notice:
         print(notice, file=sys.stderr)
+
+
+def _forgiving_output() -> None:
+    """A path or label that is not valid UTF-8 (undecodable bytes in argv arrive as surrogates)
+    prints with backslash escapes instead of crashing the print after a run did its work."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change its error handler keeps its own
+                pass
 
 
 def _plain_warnings() -> None:

@@ -149,17 +149,22 @@ def _list_images(folder: Path) -> list[Path]:
 def _folder_layout(path: str) -> tuple[list[str], list[list[Path]], bool]:
     """(class names, image files per class, whether it is a tree) of an ImageFolder tree or a
     flat folder."""
-    root = Path(path).expanduser()
+    from gileak.data import user_path
+
+    root = user_path(path, f"folder(path={path})")
     if not root.exists():
         raise DataUnavailableError(f"folder(path={path}): no such directory.")
     if not root.is_dir():
         raise DataUnavailableError(f"folder(path={path}): not a directory; give the folder that holds the images.")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = [(d.name, _list_images(d)) for d in subdirs]
-    classes = [(name, files) for name, files in classes if files]
-    if classes:
-        return [name for name, _ in classes], [files for _, files in classes], True
-    files = _list_images(root)
+    try:
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = [(d.name, _list_images(d)) for d in subdirs]
+        classes = [(name, files) for name, files in classes if files]
+        if classes:
+            return [name for name, _ in classes], [files for _, files in classes], True
+        files = _list_images(root)
+    except OSError as e:  # an unreadable folder or sub-folder is the user's to fix, not a traceback
+        raise DataUnavailableError(f"folder(path={path}): cannot list {e.filename or root}: {e.strerror or e}.") from e
     if not files:
         raise DataUnavailableError(
             f"folder(path={path}): found no images ({', '.join(IMAGE_SUFFIXES)}) in it or in its sub-folders."
