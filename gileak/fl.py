@@ -128,7 +128,18 @@ def _train_client(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
             finite &= torch.isfinite(loss.detach())
             loss.backward()
             optimizer.step()
-    return finite
+    return finite & _finite_state(optimizer)
+
+
+def _finite_state(optimizer) -> torch.Tensor:
+    """Whether the optimizer's moments are finite (a 0-dim bool tensor). A gradient beyond float
+    range (a defense's noise) overflows Adam's squared moment to inf, which freezes the weights
+    while every loss stays finite: training has silently stopped."""
+    tensors = [value for state in optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all().cpu()
 
 
 def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: FLConfig,
@@ -169,6 +180,7 @@ def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 finite &= torch.isfinite(loss.detach())
                 loss.backward()
                 optimizer.step()
+            finite &= _finite_state(optimizer)
         finally:
             model._close()
     for p in params:  # leave no per-sample buffers behind for the next client
@@ -266,9 +278,10 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
                 finite = _train_client(net, train_images[train], train_labels[train], config, shuffle)
             if not bool(finite):
                 raise DivergedError(
-                    f"training diverged: client {client}'s training loss became NaN or infinite in round "
-                    f"{round_index + 1} (learning rate {config.lr:g}); no accuracy is reported for a model that "
-                    "is numerically broken. Lower the learning rate or check the defense's parameters.")
+                    f"training diverged: client {client}'s training loss or optimizer state became NaN or infinite "
+                    f"in round {round_index + 1} (learning rate {config.lr:g}); no accuracy is reported for a "
+                    "model that is numerically broken. Lower the learning rate or check the defense's parameters "
+                    "(noise beyond float range?).")
             _transform_upload(net, global_state, defense, shuffle)
             client_states.append(_detached_copy(net))
         global_state = fedavg(client_states, sizes)

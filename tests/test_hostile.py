@@ -446,8 +446,10 @@ def test_failed_rows_are_unmistakable_in_every_output(degenerate_run, fmt):
 
 @pytest.mark.parametrize("argv,reason", [
     (["--defenses", "noise(std=1e39)", "--rounds", "1"], "global model has NaN or infinite weights"),
-    (["--defenses", "precode(beta=1e300)", "--rounds", "1"], "training loss became NaN or infinite"),
-])
+    (["--defenses", "precode(beta=1e300)", "--rounds", "1"], "training loss or optimizer state became NaN"),
+    (["--defenses", "dp(sigma=1e30)", "--rounds", "1"], "optimizer state became NaN or infinite"),
+    (["--defenses", "noise(std=1e19)", "--rounds", "1"], "loss on held-out images is NaN or infinite"),
+], ids=["noise-inf", "kl-inf", "dp-overflow", "noise-huge"])
 def test_diverged_training_fails_the_cell_and_reports_no_accuracy(capsys, tmp_path, argv, reason):
     export = tmp_path / "lb.json"
     code, out, err = run(capsys, "bench", "--datasets", "digits", "--victims", "1", "--iterations", "2",
@@ -457,12 +459,18 @@ def test_diverged_training_fails_the_cell_and_reports_no_accuracy(capsys, tmp_pa
     assert row["accuracy_mean"] is None and row["ssim_mean"] is None
 
 
-def test_train_with_a_diverging_learning_rate_reports_no_accuracy(capsys, tmp_path):
-    code, out, err = run(capsys, "train", "--dataset", "digits", "--lr", "1e30", "--rounds", "1", "--out",
-                         str(tmp_path))
+@pytest.mark.parametrize("argv", [["--lr", "1e30"], ["--defense", "dp(sigma=1e30)"]], ids=["lr", "dp-noise"])
+def test_train_that_diverges_reports_no_accuracy(capsys, tmp_path, argv):
+    # dp(sigma=1e30) keeps every loss finite: its noise overflows Adam's squared moment, which
+    # froze the weights at their initial values and printed their chance-level accuracy.
+    code, out, err = run(capsys, "train", "--dataset", "digits", "--rounds", "1", "--out", str(tmp_path), *argv)
     assert code == 1 and "training diverged" in " ".join(err.split()) and "accuracy" not in out
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_train_refuses_a_learning_rate_that_is_not_finite(capsys, tmp_path):
     assert run(capsys, "train", "--dataset", "digits", "--lr", "inf", "--out", str(tmp_path / "x"))[0] == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_flat_folder_attacks_like_any_dataset(capsys, tmp_path):
