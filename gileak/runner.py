@@ -494,13 +494,14 @@ def unscorable(reconstruction, victim_names: list[str]) -> str | None:
     compare) or whose reconstruction is not finite. Its SSIM would be a number about nothing."""
     import torch
 
+    from gileak.threat import listed_victims
+
     losses = [float(loss) for loss in reconstruction.final_loss]
     bad = [victim_names[i] if i < len(victim_names) else str(i)
            for i, loss in enumerate(losses) if not math.isfinite(loss)]
     if bad:
-        return (f"the attack's loss is NaN or infinite for victim {', '.join(bad[:5])}"
-                f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}: nothing was reconstructed (a parameter or "
-                "the shared gradient beyond float range?)")
+        return (f"the attack's loss is NaN or infinite for victim {listed_victims(bad)}: nothing was reconstructed "
+                "(a parameter or the shared gradient beyond float range?)")
     if not bool(torch.isfinite(reconstruction.images).all()):
         return "the attack's reconstructions have NaN or infinite pixels: there is nothing to score"
     return None

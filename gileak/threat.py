@@ -86,21 +86,22 @@ def nothing_to_attack(shared_gradient: dict[str, torch.Tensor], victim_names: li
     problems = []
     bad = [names[i] for i in range(count) if non_finite[i]]
     if bad:
-        problems.append(f"the shared gradient of victim {_listed(bad)} has NaN or infinite entries (a defense's "
+        problems.append(f"the shared gradient of victim {listed_victims(bad)} has NaN or infinite entries (a defense's "
                         "noise or a model beyond float range?)")
     huge = [names[i] for i in range(count) if too_large[i] and not non_finite[i]]
     if huge:
-        problems.append(f"the shared gradient of victim {_listed(huge)} is too large to compare: its squared norm "
+        problems.append(f"the shared gradient of victim {listed_victims(huge)} is too large to compare: its squared norm "
                         f"exceeds the float range ({limit:.3g}), so no gradient distance can be computed (a "
                         "defense's noise beyond float range?)")
     empty = [names[i] for i in range(count) if zero[i] and not non_finite[i]]
     if empty:
-        problems.append(f"the shared gradient of victim {_listed(empty)} is all zeros (a classifier with one "
+        problems.append(f"the shared gradient of victim {listed_victims(empty)} is all zeros (a classifier with one "
                         "output, a defense that removes everything, or a saturated prediction)")
     return "nothing to attack: " + "; ".join(problems) if problems else None
 
 
-def _listed(names: list[str], shown: int = 5) -> str:
+def listed_victims(names: list[str], shown: int = 5) -> str:
+    """'3, 17, 40' — the first `shown` victim names, and how many more."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
 
