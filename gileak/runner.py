@@ -232,6 +232,8 @@ def model_summary(model: Model, defense: Defense, dataset: Dataset) -> dict[str,
     from gileak.nets import count_trainable
 
     info = dataset.info()
+    if info.num_classes < 2:
+        raise UserInputError(f"{dataset.name} has {info.num_classes} class(es): a classifier needs at least two.")
     check_buildable(model, defense, info, where=f"{dataset.name} | {model.name} | {defense.name}")
     input_shape = model.input_shape(info.shape)
     base = model.build(input_shape, info.num_classes)
