@@ -6,8 +6,11 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+#: What a row that is not a measurement says in place of its SSIM, so it cannot be read as one.
+STATUS_STYLE = {"failed": "bold red", "not applicable": "yellow", "partial": "yellow"}
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> str:
@@ -20,24 +23,27 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
 
 def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = None,
                        title: str = "gileak leaderboard") -> Table:
-    """Print the leaderboard; failed cells stay in it with their reason. Returns the table."""
+    """Print the leaderboard; failed cells stay in it with their reason. Returns the table.
+    Every cell is rich Text: labels, paths and reasons print as written on any console."""
     console = console or Console()
-    table = Table(title=title, title_style="bold", show_lines=False)
+    table = Table(title=Text(title, style="bold"), show_lines=False)
     for header, justify in (
-        ("dataset", "left"), ("model", "left"), ("defense", "left"), ("attack", "left"),
+        ("dataset", "left"), ("model", "left"), ("defense", "left"), ("attack", "left"), ("status", "left"),
         ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
         ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"), ("time s", "right"),
     ):
-        table.add_column(header, justify=justify, overflow="fold")
+        table.add_column(Text(header), justify=justify, overflow="fold")
     has_accuracy = any(r.get("accuracy_mean") is not None for r in rows)
     for row in rows:
-        names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")]
-        if row.get("status") == "failed":
+        names = [Text(str(row[k])) for k in ("dataset", "model", "defense", "attack")]
+        status = str(row.get("status") or "ok")
+        status_cell = Text(status.upper() if status == "failed" else status, style=STATUS_STYLE.get(status, "green"))
+        if status == "failed":
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
-            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 8)
+            table.add_row(*names, status_cell, Text(f"failed: {reason}", style="red"), *[Text("")] * 8)
             continue
-        if row.get("status") == "not applicable":
-            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 8)
+        if status == "not applicable":
+            table.add_row(*names, status_cell, Text("— (see note)", style="yellow"), *[Text("")] * 8)
             continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
@@ -46,11 +52,10 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
             if row.get("epsilon") is not None:
                 accuracy += f" (ε={_num(row['epsilon'], '{:.3g}')})"
         params = "—" if row.get("params") is None else f"{row['params']:,} (+{row['params_added_pct']:.1f}%)"
-        table.add_row(
-            *names, ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
-            _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), accuracy, params,
-            str(row.get("victims", "—")), _num(row.get("seconds"), "{:.1f}"),
-        )
+        cells = [ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
+                 _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), accuracy, params,
+                 str(row.get("victims", "—")), _num(row.get("seconds"), "{:.1f}")]
+        table.add_row(*names, status_cell, *[Text(cell) for cell in cells])
     notes = []
     lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     notes += [f"LPIPS —: {note}" for note in lpips_notes]
@@ -61,9 +66,13 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         notes.append("ε: DP-SGD privacy spent in training at δ = 1e-5 (Opacus RDP accountant; the client that spent most)")
     notes.append("ASR = share of victims reconstructed with SSIM >= 0.5; lower SSIM/ASR = better privacy")
     partial = [r for r in rows if r.get("status") == "partial"]
-    notes += [f"partial: {' | '.join(str(r[k]) for k in ('dataset', 'model', 'defense', 'attack'))}: "
-              f"{escape(str(r.get('error')))}" for r in partial]
-    table.caption = "\n".join(notes)
+    notes += [f"partial (some seeds failed; scored on the others): "
+              f"{' | '.join(str(r[k]) for k in ('dataset', 'model', 'defense', 'attack'))}: {r.get('error')}"
+              for r in partial]
+    failed = sum(r.get("status") == "failed" for r in rows)
+    if failed:
+        notes.insert(0, f"FAILED: {failed} row(s) measured nothing (reason in the row); they are not privacy")
+    table.caption = Text("\n".join(notes))
     table.caption_justify = "left"
     console.print(table)
     return table
