@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,6 +26,32 @@ class _Required:
 
 REQUIRED = _Required()
 
+NON_FINITE = "must be a finite number, not NaN or infinity"
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, BaseModel):
+        return bool(non_finite_fields(value))
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def non_finite_fields(params: BaseModel) -> list[str]:
+    """Fields of `params` holding a NaN or infinite float (nested in containers too), except
+    those declared with `Field(..., allow_inf_nan=True)`."""
+    found = []
+    for name, info in type(params).model_fields.items():
+        if any(getattr(meta, "allow_inf_nan", None) is True for meta in info.metadata):
+            continue
+        if _has_non_finite(getattr(params, name, None)):
+            found.append(name)
+    return found
+
 
 class Component:
     """A named, parameterised piece of a benchmark. Subclasses set `name` and `description`."""
@@ -34,19 +61,28 @@ class Component:
     description: ClassVar[str] = ""
 
     class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # A NaN or infinite parameter never means what the user wanted (dp(sigma=inf) would hang
+        # the accountant, a weight of inf turns every loss into NaN). A field that does mean it
+        # says so: Field(..., allow_inf_nan=True).
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     def __init__(self, **params: Any) -> None:
+        allowed = ", ".join(self.Params.model_fields) or "none"
         try:
             self.params = self.Params(**params)
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors()
             )
-            allowed = ", ".join(self.Params.model_fields) or "none"
             raise ParamsError(
                 f"Bad parameters for {self.kind} '{self.name}': {problems}. Parameters it takes: {allowed}."
             ) from e
+        # Checked again on the validated values, so a plugin whose Params does not derive from
+        # this one (or overrides its config) is held to the same rule.
+        problems = [f"{field}: {NON_FINITE}" for field in non_finite_fields(self.params)]
+        if problems:
+            raise ParamsError(f"Bad parameters for {self.kind} '{self.name}': {'; '.join(problems)}. "
+                              f"Parameters it takes: {allowed}.")
 
     @classmethod
     def parameter_table(cls) -> list[tuple[str, str, Any, str]]:
@@ -65,11 +101,15 @@ class Component:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a dataset declares without loading any pixel: shape (C, H, W) and class count."""
+    """What a dataset declares without loading any pixel: shape (C, H, W) and class count, and,
+    when known, how many images `load()` puts in each split (the plan checks budgets against
+    them: --victims against the attacked client's share, training against an empty test split)."""
 
     shape: tuple[int, int, int]
     num_classes: int
     class_names: tuple[str, ...] = ()
+    train_size: int | None = None
+    test_size: int | None = None
 
 
 @dataclass

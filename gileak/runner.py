@@ -15,7 +15,7 @@ from typing import Any
 
 from gileak import registry
 from gileak.base import Attack, Client, Dataset, Defense, Model
-from gileak.errors import GileakError, NotApplicableError, UserInputError
+from gileak.errors import DivergedError, GileakError, NotApplicableError, NothingToAttackError, UserInputError
 from gileak.spec import KIND_FIELDS, BenchSpec, ComponentRef
 from gileak.store import CellFacts
 
@@ -102,17 +102,39 @@ def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -
     return Resolved(ref, cls(**params))
 
 
+#: More results than this in one run is a slip (a grid or --seeds a few digits too long), not a
+#: benchmark anyone could read; it is refused before a cell list of that size is built.
+MAX_RESULTS = 1_000_000
+
+
 def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
-    """Resolve every name and validate every component's parameters before anything runs;
-    with `check_data`, a dataset whose files are missing stops it here."""
+    """Resolve every name and validate every component's parameters before anything runs, and
+    refuse, as the user's to fix (UserInputError), what would otherwise fail a cell at run time:
+    a dataset with fewer than two classes, --victims beyond the attacked client's images, a
+    training run without enough images, a slot position or input size a model does not have,
+    a model too large for this machine. With `check_data`, a dataset whose files are missing
+    stops it here; without, datasets not on disk are checked as far as they declare themselves."""
     datasets = [resolve("dataset", r, data_root=spec.data_root) for r in spec.datasets]
     models = [resolve("model", r) for r in spec.models]
     defenses = [resolve("defense", r) for r in spec.defenses]
     attacks = [resolve("attack", r) for r in spec.attacks]
     clients = [resolve("client", r) for r in spec.clients]
-    for dataset in datasets if check_data else ():  # missing files are the user's to fix: say so first
-        info = dataset.component.info()
+    results = len(datasets) * len(models) * len(defenses) * spec.seeds * len(attacks) * len(clients)
+    if results > MAX_RESULTS:
+        raise UserInputError(f"This matrix asks for {results:,} results ({len(datasets)} dataset(s) x {len(models)} "
+                             f"model(s) x {len(defenses)} defense(s) x {len(attacks)} attack(s) x {len(clients)} "
+                             f"client(s) x {spec.seeds} seed(s)); gileak runs at most {MAX_RESULTS:,} in one run. "
+                             "Check the grids and --seeds.")
+    for dataset in datasets:  # missing files are the user's to fix: say so first
+        info = _declared_info(dataset, check_data)
+        if info is None:
+            continue
+        check_dataset(dataset, info, spec)
         check_clients(dataset, info, spec, clients)
+        for model in models:
+            for defense in defenses:
+                check_buildable(model.component, defense.component, info,
+                                where=f"{dataset.label} | {model.label} | {defense.label}")
     spec, (datasets, models, defenses, attacks, clients), same = _one_spelling_each(
         spec, (datasets, models, defenses, attacks, clients), data_identity=check_data)
     cells = [
@@ -159,6 +181,101 @@ def check_clients(dataset: Resolved, info, spec: BenchSpec, clients: list[Resolv
         victim_images(train_size, config, spec, client, seed=0, where=f"{dataset.label} with {client.label}")
 
 
+def _declared_info(dataset: Resolved, check_data: bool):
+    """The dataset's DatasetInfo; without `check_data`, what it declares when its files are not
+    here (None when it declares nothing without them)."""
+    from gileak.errors import DataUnavailableError
+
+    if check_data:
+        return dataset.component.info()
+    try:
+        return dataset.component.info()
+    except DataUnavailableError:
+        declared = getattr(dataset.component, "declared_info", None)
+        return declared() if callable(declared) else None
+
+
+def check_dataset(dataset: Resolved, info, spec: BenchSpec) -> None:
+    """Refuse a dataset the plan cannot use: fewer than two classes (the cross-entropy of a
+    one-output classifier and its gradient are zero: nothing to attack), and, where it declares
+    its split sizes, --victims beyond the attacked client's images or training without enough."""
+    from gileak import fl
+
+    if info.num_classes < 2:
+        raise UserInputError(
+            f"{dataset.label} has {info.num_classes} class(es): a classifier needs at least two, or its "
+            "cross-entropy and shared gradient are zero and there is nothing to attack.")
+    if info.train_size is None:
+        return
+    config = fl.FLConfig(rounds=max(spec.rounds, 1), patience=spec.patience)
+    if spec.rounds > 0:
+        if info.train_size < config.clients:
+            raise UserInputError(
+                f"{dataset.label} has {info.train_size} training image(s), too few to share among the "
+                f"{config.clients} federated clients of --rounds {spec.rounds}; use --rounds 0 or more images.")
+        if info.test_size == 0:
+            raise UserInputError(f"{dataset.label} has no test images, so training accuracy cannot be "
+                                 "measured; give it a test split or use --rounds 0.")
+    pool = len(_victim_pool(info.train_size, config, spec))
+    if spec.victims > pool:
+        raise UserInputError(
+            f"--victims {spec.victims} asks for more images than the attacked client's training split of "
+            f"{dataset.label} holds ({pool}). Use --victims {pool} or fewer, or a larger dataset.")
+
+
+def _memory_bytes() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: Parameter-sized copies a cell holds at least at once (weights, gradient, Adam's two moments
+#: in training; shared and dummy gradients in an attack): a model whose copies exceed this
+#: machine's memory cannot run here.
+MODEL_COPIES = 4
+
+
+def check_buildable(model: Model, defense: Defense, info, where: str) -> None:
+    """Build the defended model on PyTorch's meta device (shapes only, no memory, no time) to
+    refuse at plan time what a cell would fail on: a slot position the model does not have, an
+    input too small for it, a model with fewer than two outputs, or one too large for this
+    machine. A defense that does not apply (NotApplicableError), or anything a meta build
+    cannot tell, is left to the cell, which reports it in its row."""
+    import math
+
+    import torch
+
+    input_shape = model.input_shape(info.shape)
+    try:
+        with torch.device("meta"):
+            net = model.build(input_shape, info.num_classes)
+            defense.apply(net)
+    except UserInputError as e:
+        raise type(e)(f"{where}: {e}") from e
+    except Exception:  # noqa: BLE001 — not applicable, or a build that needs real tensors: the cell says
+        return
+    parameters = sum(p.numel() * p.element_size() for p in net.parameters())
+    memory = _memory_bytes()
+    if memory and MODEL_COPIES * parameters > memory:
+        raise UserInputError(
+            f"{where}: the defended model has {sum(p.numel() for p in net.parameters()):,} parameters "
+            f"({parameters / 2**30:.1f} GiB); training or attacking it holds at least {MODEL_COPIES} copies, more "
+            f"than this machine's {memory / 2**30:.0f} GiB of memory. Check the model's and defense's sizes.")
+    try:
+        with torch.no_grad():
+            logits = net.eval()(torch.empty((1, *input_shape), device="meta"))
+    except Exception:  # noqa: BLE001 — an op without a meta kernel: the cell runs it for real
+        return
+    outputs = math.prod(logits.shape[1:]) if isinstance(logits, torch.Tensor) and logits.dim() >= 2 else None
+    if outputs is not None and outputs < 2:
+        raise UserInputError(
+            f"{where}: the model outputs {outputs} class score(s) per image; a classifier needs at least two, or its "
+            "cross-entropy and shared gradient are zero and there is nothing to attack.")
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -186,6 +303,9 @@ def model_summary(model: Model, defense: Defense, dataset: Dataset) -> dict[str,
     from gileak.nets import count_trainable
 
     info = dataset.info()
+    if info.num_classes < 2:
+        raise UserInputError(f"{dataset.name} has {info.num_classes} class(es): a classifier needs at least two.")
+    check_buildable(model, defense, info, where=f"{dataset.name} | {model.name} | {defense.name}")
     input_shape = model.input_shape(info.shape)
     base = model.build(input_shape, info.num_classes)
     defended = build_net(model, defense, input_shape, info.num_classes, seed=0, device="cpu")
@@ -345,6 +465,7 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
     from gileak import data, fl
     from gileak.nets import count_trainable
     from gileak.store import environment
+    from gileak.threat import nothing_to_attack
 
     advance = advance or (lambda n: None)
     describe = describe or (lambda s: None)
@@ -371,6 +492,9 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
         info_shape = tuple(loaded.train_images.shape[1:])
         labels_seen = torch.cat([loaded.train_labels, loaded.test_labels])
         num_classes = max(cell.dataset.component.info().num_classes, int(labels_seen.max()) + 1)
+        if num_classes < 2:  # the plan refuses these; a dataset whose info() and load() disagree lands here
+            raise UserInputError(f"{cell.dataset.label} has {num_classes} class(es): a classifier needs at least "
+                                 "two, or there is nothing to attack.")
         if spec.rounds > 0 and len(loaded.test_images) == 0:
             raise UserInputError(f"{cell.dataset.label} has no test images, so training accuracy cannot be "
                                  "measured; give it a test split or use --rounds 0.")
@@ -430,12 +554,19 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
             describe(f"{cell.key} | {client.label}: the victims' uploads")
             gradients = shared_gradients_of(net, cell.defense.component, client.component, victims, labels,
                                             cell.seed)
+            per_victim = client.component.images_per_victim()
+            victim_names = ["+".join(str(int(i)) for i in victim_idx[v : v + per_victim])
+                            for v in range(0, len(victim_idx), per_victim)]
+            problem = nothing_to_attack(gradients, victim_names)
+            if problem is not None:
+                raise NothingToAttackError(problem)
         except Exception as e:
             fail(jobs, e)
             continue
         for job in jobs:
-            finish(_run_attack(cell, spec, job, net, gradients, victims, labels, victim_idx, input_shape,
-                               num_classes, device, units_left, advance, describe, lpips_available, debug))
+            finish(_run_attack(cell, spec, job, net, gradients, victims, labels, victim_idx, victim_names,
+                               input_shape, num_classes, device, units_left, advance, describe, lpips_available,
+                               debug))
     return outcome
 
 
@@ -449,8 +580,8 @@ def shared_gradients_of(net, defense: Defense, client: Client, victims, labels, 
 
 
 def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, victims, labels, victim_idx,
-                input_shape, num_classes: int, device: str, units_left: dict, advance, describe,
-                lpips_available: bool, debug: bool) -> AttackOutcome:
+                victim_names: list[str], input_shape, num_classes: int, device: str, units_left: dict, advance,
+                describe, lpips_available: bool, debug: bool) -> AttackOutcome:
     """One job: the attack on the client's victims, scored per image."""
     import torch
 
@@ -478,6 +609,9 @@ def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, v
         seeds = [_victim_seed(cell.seed, i) for i in range(target.num_victims)]
         reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
                                                  progress=progress)
+        problem = unscorable(reconstruction, victim_names)
+        if problem is not None:
+            raise DivergedError(problem)
         seconds = time.perf_counter() - started
         originals = victims.detach().cpu()
         images = reconstruction.images.detach().cpu()
@@ -570,13 +704,32 @@ def victim_images(num_train: int, config, spec: BenchSpec, client: Resolved, see
                  for k in range(clients)]
         separate = all(len(pool) >= per_client for pool in pools)
     if separate:
-        draws = [_draw(pools[k], victims, per_client, seed + 104_729 * k, where, client) for k in range(clients)]
+        draws = [_draw(pools[k], victims, per_client, seed + 104_729 * k, where) for k in range(clients)]
         return torch.stack(draws, dim=1).reshape(-1)
     pool = _victim_pool(num_train, config, spec, need=victims * clients * per_client)
-    return _draw(pool, victims, clients * per_client, seed, where, client).reshape(-1)
+    return _draw(pool, victims, clients * per_client, seed, where).reshape(-1)
 
 
-def _draw(pool, victims: int, per_victim: int, seed: int, where: str, client: Resolved):
+def unscorable(reconstruction, victim_names: list[str]) -> str | None:
+    """Why an attack's output cannot be scored, or None: a victim whose loss is NaN or infinite
+    (the attack never had a finite loss: a parameter beyond float range, gradients too large to
+    compare) or whose reconstruction is not finite. Its SSIM would be a number about nothing."""
+    import torch
+
+    from gileak.threat import listed_victims
+
+    losses = [float(loss) for loss in reconstruction.final_loss]
+    bad = [victim_names[i] if i < len(victim_names) else str(i)
+           for i, loss in enumerate(losses) if not math.isfinite(loss)]
+    if bad:
+        return (f"the attack's loss is NaN or infinite for victim {listed_victims(bad)}: nothing was reconstructed "
+                "(a parameter or the shared gradient beyond float range?)")
+    if not bool(torch.isfinite(reconstruction.images).all()):
+        return "the attack's reconstructions have NaN or infinite pixels: there is nothing to score"
+    return None
+
+
+def _draw(pool, victims: int, per_victim: int, seed: int, where: str):
     """(victims, per_victim) distinct indices of `pool` per victim; see `victim_images`."""
     import torch
 

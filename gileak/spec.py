@@ -4,6 +4,7 @@ component mini-syntax `name(key=value,...)` where `a|b|c` expands into a grid.""
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -96,9 +97,18 @@ def parse_component(text: str) -> list[ComponentRef]:
     return _expand(name, grid, original=text)
 
 
+#: Grid points one component may expand into: beyond it a grid is a slip, refused before the
+#: product is built (a few `|` values over many keys would otherwise fill memory).
+MAX_GRID_POINTS = 10_000
+
+
 def _expand(name: str, grid: dict[str, list[Any]], original: str | None = None) -> list[ComponentRef]:
     if not grid:
         return [ComponentRef(name=name, label=original or name)]
+    points = math.prod(len(values) for values in grid.values())
+    if points > MAX_GRID_POINTS:
+        raise SpecError(f"The grid of '{name}' has {points:,} points ({' x '.join(str(len(v)) for v in grid.values())}); "
+                        f"at most {MAX_GRID_POINTS:,} are allowed in one component.")
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys)))
     refs = []
@@ -111,6 +121,11 @@ def _expand(name: str, grid: dict[str, list[Any]], original: str | None = None) 
 
 def parse_components(text: str) -> list[ComponentRef]:
     """A comma-separated list of components, each possibly a grid."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # labels go into the store, the exports and the terminal as UTF-8
+        raise SpecError(f"{text!r} is not valid text ({e.reason} at position {e.start}); undecodable bytes "
+                        "in the command line or spec file?") from e
     refs: list[ComponentRef] = []
     for item in _split_top_level(text, ","):
         refs.extend(parse_component(item))

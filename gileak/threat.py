@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,49 @@ def shared_gradients(net: nn.Module, defense, images: torch.Tensor, labels: torc
         else:
             per_victim.append(client.victim_upload(net, defense, images[rows], labels[rows], generator))
     return {name: torch.stack([g[name] for g in per_victim]) for name in per_victim[0]}
+
+
+def nothing_to_attack(shared_gradient: dict[str, torch.Tensor], victim_names: list[str] | None = None) -> str | None:
+    """Why these stacked (N, ...) shared gradients cannot be attacked, or None when they can: a
+    victim whose gradient is all zeros uploads nothing about its image (a one-output classifier,
+    a defense that prunes everything, a saturated softmax), and one with a NaN or infinite entry
+    (a defense's noise beyond float range) makes every distance to it meaningless. Either way an
+    attack would fail and its low score would read as privacy. `victim_names` name the victims
+    in the reason (default: their positions)."""
+    tensors = [t.detach() for t in shared_gradient.values()]
+    if not tensors or all(t.numel() == 0 for t in tensors):
+        return "nothing to attack: the model has no trainable parameters, so no gradient is shared"
+    count = tensors[0].shape[0]
+    names = victim_names or [str(i) for i in range(count)]
+    flat = [t.reshape(count, -1) for t in tensors if t.numel()]
+    non_finite = torch.stack([(~torch.isfinite(t)).any(1) for t in flat]).any(0).tolist()
+    zero = torch.stack([(t == 0).all(1) for t in flat]).all(0).tolist()
+    # Every gradient distance (cosine, Euclidean) sums squares in the gradient's own precision:
+    # past its range the distance is inf or NaN, or a constant, and an attack "runs" on nothing.
+    squared_norm = torch.stack([t.double().pow(2).sum(1) for t in flat]).sum(0)
+    limit = min(torch.finfo(t.dtype).max if t.is_floating_point() else math.inf for t in flat)
+    too_large = (squared_norm > limit).tolist()
+    problems = []
+    bad = [names[i] for i in range(count) if non_finite[i]]
+    if bad:
+        problems.append(f"the shared gradient of victim {listed_victims(bad)} has NaN or infinite entries (a defense's "
+                        "noise or a model beyond float range?)")
+    huge = [names[i] for i in range(count) if too_large[i] and not non_finite[i]]
+    if huge:
+        problems.append(f"the shared gradient of victim {listed_victims(huge)} is too large to compare: its squared norm "
+                        f"exceeds the float range ({limit:.3g}), so no gradient distance can be computed (a "
+                        "defense's noise beyond float range?)")
+    empty = [names[i] for i in range(count) if zero[i] and not non_finite[i]]
+    if empty:
+        problems.append(f"the shared gradient of victim {listed_victims(empty)} is all zeros (a classifier with one "
+                        "output, a defense that removes everything, or a saturated prediction)")
+    return "nothing to attack: " + "; ".join(problems) if problems else None
+
+
+def listed_victims(names: list[str], shown: int = 5) -> str:
+    """'3, 17, 40' — the first `shown` victim names, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @dataclass

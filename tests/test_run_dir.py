@@ -576,7 +576,7 @@ def test_two_spellings_of_one_component_are_one_cell(tmp_path, monkeypatch):
     _images(tmp_path / "imgs", 0)
     monkeypatch.chdir(tmp_path)
     spec = build_spec(None, datasets=f"folder(path=imgs),folder(path=./imgs),folder(path={tmp_path / 'imgs'})",
-                      defenses="cvb,cvb(kernel=5),gc(ratio=0.5),gc(ratio=.5)", attacks="ig,ignore,ig(lr=1.0)")
+                      defenses="cvb,cvb(kernel=5),gc(ratio=0.5),gc(ratio=.5)", attacks="ig,ignore,ig(lr=1.0)", victims=1)
     the_plan = plan(spec)
     assert [(c.dataset.label, c.defense.label) for c in the_plan.cells] == \
         [("folder(path=imgs)", "cvb"), ("folder(path=imgs)", "gc(ratio=0.5)")]

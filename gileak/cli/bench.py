@@ -8,11 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from gileak.cli import completion
 from gileak.cli.state import console as cli_console
-from gileak.cli.state import state
+from gileak.cli.state import state, styled
 
 
 def _default_out() -> Path:
@@ -107,11 +106,12 @@ def bench(
 
 
 def _run(runner, the_plan, bench_spec, run_dir: Path, console: Console) -> None:
-    console.print(
-        f"[bold]gileak bench[/]: {len(the_plan.cells)} training cell(s) -> {the_plan.rows_expected} row(s); "
+    console.print(styled(
+        ("gileak bench", "bold"),
+        f": {len(the_plan.cells)} training cell(s) -> {the_plan.rows_expected} row(s); "
         f"{bench_spec.victims} victims x {bench_spec.iterations} iterations per attack, "
-        f"{bench_spec.rounds} training round(s); run directory {run_dir}"
-    )
+        f"{bench_spec.rounds} training round(s); run directory {run_dir}",
+    ))
     _say_same(the_plan, console)
     resume = runner.resume
     if resume.reused or resume.retried or resume.interrupted:
@@ -125,7 +125,9 @@ def _run(runner, the_plan, bench_spec, run_dir: Path, console: Console) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        # The description holds the cell's labels: shown as written, not read as markup.
+        TextColumn("{task.description}", style="progress.description", markup=False), BarColumn(),
+        MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
     ) as progress:
         task = progress.add_task("starting", total=runner.work_units())
@@ -170,11 +172,11 @@ def show_result(result, run_dir: Path, console: Console, exports=(), title: str 
     if figure is not None:
         console.print(f"Privacy-utility figure: {figure}")
     for where, note in result.notes:
-        console.print(f"  [yellow]note[/] {escape(where)}: {escape(note)}", highlight=False)
+        console.print(styled("  ", ("note", "yellow"), f" {where}: {note}"), highlight=False)
     if result.failures:
-        console.print(f"[bold red]{len(result.failures)} failure(s):[/]")
+        console.print(styled((f"{len(result.failures)} failure(s):", "bold red")))
         for where, reason in result.failures:
-            console.print(f"  [red]{escape(where)}[/]: {escape(reason)}", highlight=False)
+            console.print(styled("  ", (where, "red"), f": {reason}"), highlight=False)
 
 
 def _say_same(the_plan, console: Console) -> None:
@@ -193,8 +195,8 @@ def _dry_run(bench_spec, console: Console) -> None:
     the_plan = plan(bench_spec, check_data=False)
     s = the_plan.spec  # one spelling of each component
     device = pick_device(s.device)
-    console.print(f"[bold]gileak bench --dry-run[/] (profile {s.profile}): {len(the_plan.cells)} training cell(s) "
-                  f"-> {the_plan.rows_expected} row(s); nothing is run")
+    console.print(styled(("gileak bench --dry-run", "bold"), f" (profile {s.profile}): {len(the_plan.cells)} "
+                         f"training cell(s) -> {the_plan.rows_expected} row(s); nothing is run"))
     console.print(f"  datasets {', '.join(r.label for r in s.datasets)}; models {', '.join(r.label for r in s.models)}; "
                   f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}; "
                   f"clients {', '.join(r.label for r in s.clients)}")
@@ -223,5 +225,5 @@ def _dry_run(bench_spec, console: Console) -> None:
                   "as victims grow (probed with 8).")
     for e in estimates:
         for note in dict.fromkeys(e.notes):
-            console.print(f"  [yellow]note[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)}: "
-                          f"{escape(note)}", highlight=False)
+            console.print(styled("  ", ("note", "yellow"), f" {e.dataset} | {e.model} | {e.defense}: {note}"),
+                          highlight=False)

@@ -58,9 +58,9 @@ def leaderboard(
         out = console()
         render_leaderboard(result.rows, console=out, title=f"gileak leaderboard: {run_dir}")
         for where, note in result.notes:
-            out.print(f"  note {where}: {note}", highlight=False, markup=False)
+            out.print(f"  note {where}: {note}", highlight=False)
         for where, reason in result.failures:
-            out.print(f"  failed {where}: {reason}", highlight=False, markup=False)
+            out.print(f"  failed {where}: {reason}", highlight=False)
         return
     text = to_text(result.rows, fmt)
     if output is None:

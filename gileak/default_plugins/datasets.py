@@ -9,13 +9,13 @@ from __future__ import annotations
 import warnings
 from functools import cache
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gileak import Dataset, hookimpl
 from gileak.base import DatasetInfo, Splits
-from gileak.errors import DataUnavailableError
+from gileak.errors import DataUnavailableError, UserInputError
 
 #: Test share of the built-in datasets; the split is fixed (seed 0) so every run tests on the same images.
 TEST_FRACTION = 0.2
@@ -36,7 +36,7 @@ class Digits(Dataset):
     description = "scikit-learn's handwritten digits: 1,797 8x8 grey images, 10 classes (offline)."
 
     def info(self) -> DatasetInfo:
-        return DatasetInfo((1, 8, 8), 10, tuple(str(i) for i in range(10)))
+        return DatasetInfo((1, 8, 8), 10, tuple(str(i) for i in range(10)), train_size=1438, test_size=359)
 
     def load(self, seed: int = 0) -> Splits:
         import torch
@@ -55,7 +55,7 @@ class LFW(Dataset):
     description = "scikit-image's lfw_subset: 200 25x25 grey images, faces vs non-faces (offline)."
 
     def info(self) -> DatasetInfo:
-        return DatasetInfo((1, 25, 25), 2, ("face", "non-face"))
+        return DatasetInfo((1, 25, 25), 2, ("face", "non-face"), train_size=160, test_size=40)
 
     def load(self, seed: int = 0) -> Splits:
         import torch
@@ -112,6 +112,18 @@ def _photo_patches(size: int, grid: int, min_std: float):
     return torch.cat(all_images), torch.cat(all_labels)
 
 
+#: (train, test) images of `photos(grid=g)`, as `load()` makes them (tests/test_data.py checks
+#: some against a real load): declared so that a plan checks its budgets without cutting patches.
+PHOTO_SPLIT_SIZES = {
+    2: (88, 23), 3: (244, 61), 4: (482, 120), 5: (794, 196), 6: (1187, 294), 7: (1652, 414), 8: (2176, 545),
+    9: (2804, 701), 10: (3461, 865), 11: (4289, 1071), 12: (5137, 1285), 13: (6015, 1504), 14: (7070, 1766),
+    15: (8017, 2003), 16: (9341, 2335), 17: (10898, 2726), 18: (11942, 2983), 19: (13533, 3383),
+    20: (14945, 3737), 21: (16454, 4113), 22: (18466, 4618), 23: (20078, 5018), 24: (22125, 5531),
+    25: (22399, 5600), 26: (26623, 6656), 27: (28269, 7066), 28: (30192, 7549), 29: (32836, 8209),
+    30: (33371, 8342), 31: (38591, 9646), 32: (41047, 10260),
+}
+
+
 class Photos(Dataset):
     """CIFAR-like 32x32 RGB patches cut from scikit-image's colour sample photos."""
 
@@ -123,7 +135,8 @@ class Photos(Dataset):
         grid: int = Field(8, ge=2, le=32, description="windows per short side of a photo (more = smaller, more patches)")
 
     def info(self) -> DatasetInfo:
-        return DatasetInfo((3, 32, 32), len(PHOTO_SOURCES), PHOTO_SOURCES)
+        train_size, test_size = PHOTO_SPLIT_SIZES.get(self.params.grid, (None, None))
+        return DatasetInfo((3, 32, 32), len(PHOTO_SOURCES), PHOTO_SOURCES, train_size=train_size, test_size=test_size)
 
     def load(self, seed: int = 0) -> Splits:
         images, labels = _photo_patches(32, self.params.grid, 0.03)
@@ -134,24 +147,48 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _folder_layout(path: str) -> tuple[list[str], list[list[Path]]]:
-    """(class names, image files per class) of an ImageFolder tree or a flat folder."""
-    root = Path(path).expanduser()
+def _folder_layout(path: str) -> tuple[list[str], list[list[Path]], bool]:
+    """(class names, image files per class, whether it is a tree) of an ImageFolder tree or a
+    flat folder."""
+    from gileak.data import user_path
+
+    root = user_path(path, f"folder(path={path})")
     if not root.exists():
         raise DataUnavailableError(f"folder(path={path}): no such directory.")
     if not root.is_dir():
         raise DataUnavailableError(f"folder(path={path}): not a directory; give the folder that holds the images.")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = [(d.name, _list_images(d)) for d in subdirs]
-    classes = [(name, files) for name, files in classes if files]
-    if classes:
-        return [name for name, _ in classes], [files for _, files in classes]
-    files = _list_images(root)
+    try:
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = [(d.name, _list_images(d)) for d in subdirs]
+        classes = [(name, files) for name, files in classes if files]
+        if classes:
+            return [name for name, _ in classes], [files for _, files in classes], True
+        files = _list_images(root)
+    except OSError as e:  # an unreadable folder or sub-folder is the user's to fix, not a traceback
+        raise DataUnavailableError(f"folder(path={path}): cannot list {e.filename or root}: {e.strerror or e}.") from e
     if not files:
         raise DataUnavailableError(
             f"folder(path={path}): found no images ({', '.join(IMAGE_SUFFIXES)}) in it or in its sub-folders."
         )
-    return [root.name or "images"], [files]
+    return [root.name or "images"], [files], False
+
+
+#: Outputs of the classifier a flat folder's images are attacked with (the paper's 10 classes).
+FLAT_FOLDER_CLASSES = 10
+
+
+def _no_test_split(images: int, test_fraction: float) -> bool:
+    return test_fraction == 0 or images < 2
+
+
+def _folder_split_sizes(class_sizes: list[int], test_fraction: float) -> tuple[int, int]:
+    """(train, test) images `Folder.load` makes of classes of these sizes, counted from file names."""
+    from gileak.data import stratified_test_count
+
+    if _no_test_split(sum(class_sizes), test_fraction):
+        return sum(class_sizes), 0
+    test = sum(stratified_test_count(n, test_fraction) for n in class_sizes)
+    return sum(class_sizes) - test, test
 
 
 _file_hashes: dict[tuple[str, int, int, int], str] = {}
@@ -182,29 +219,62 @@ def _manifest_digest(root: Path, files: list[Path]) -> str:
 
 
 class Folder(Dataset):
-    """Your own images: an ImageFolder tree (one sub-folder per class) or a flat folder (one class)."""
+    """Your own images: an ImageFolder tree (one sub-folder per class) or a flat folder, whose
+    images are class 0 of a `classes`-way classifier (10 by default, as in the paper): with one
+    output the cross-entropy and its gradient are zero and there would be nothing to attack."""
 
     name = "folder"
-    description = "Your own images: an ImageFolder tree (a sub-folder per class) or a flat folder of images."
+    description = ("Your own images: an ImageFolder tree (a sub-folder per class) or a flat folder of images "
+                   "(class 0 of a `classes`-way classifier).")
 
     class Params(Dataset.Params):
         path: str = Field(description="the folder that holds the images")
         size: int = Field(32, ge=4, le=1024, description="images are centre-cropped square and resized to this")
-        channels: int = Field(3, description="1 (grey) or 3 (RGB)")
+        channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB)")
         test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of each class held out for testing")
+        classes: int | None = Field(
+            None, ge=2, le=100_000, description="outputs of the classifier: a flat folder's images are class 0 of "
+            f"`classes` (default {FLAT_FOLDER_CLASSES}); a tree has one class per sub-folder (default), and a "
+            "larger value adds classes no image has")
+
+        @field_validator("channels", mode="before")
+        @classmethod
+        def _channels_from_text(cls, value):
+            return int(value) if isinstance(value, str) and value.strip() in ("1", "3") else value
+
+    def _layout(self) -> tuple[list[str], list[list[Path]]]:
+        """Class names (padded to `classes`) and the image files of each class that has some."""
+        names, files, tree = _folder_layout(self.params.path)
+        classes = self.params.classes
+        if classes is None:
+            classes = len(names) if tree else FLAT_FOLDER_CLASSES
+        if classes < len(names):
+            raise UserInputError(
+                f"folder(path={self.params.path}): classes={classes}, but the folder has {len(names)} class "
+                f"sub-folders; give classes={len(names)} or more, or leave it out.")
+        if classes < 2:
+            raise UserInputError(
+                f"folder(path={self.params.path}): one class sub-folder ({names[0]}) makes a one-class task, whose "
+                "cross-entropy and gradient are zero: there would be nothing to attack. Add sub-folders, or give "
+                "classes=N (N >= 2) to attack its images as class 0 of an N-way classifier.")
+        padding = [f"class {i}" for i in range(len(names), classes)]
+        return names + padding, files
 
     def info(self) -> DatasetInfo:
-        if self.params.channels not in (1, 3):
-            raise DataUnavailableError(f"folder: channels must be 1 or 3, got {self.params.channels}.")
-        names, _ = _folder_layout(self.params.path)
-        return DatasetInfo((self.params.channels, self.params.size, self.params.size), len(names), tuple(names))
+        names, files_per_class = self._layout()
+        train_size, test_size = _folder_split_sizes([len(files) for files in files_per_class],
+                                                    self.params.test_fraction)
+        return DatasetInfo((self.params.channels, self.params.size, self.params.size), len(names), tuple(names),
+                           train_size=train_size, test_size=test_size)
 
     def identity(self) -> dict[str, str]:
         """The folder as it is on disk: its resolved path and a digest of every image it uses
         (relative name, size, content hash), so the same name in another directory, or images
         changed in place, are other data."""
-        root = Path(self.params.path).expanduser().resolve()
-        _, files_per_class = _folder_layout(str(root))
+        from gileak.data import user_path
+
+        root = user_path(self.params.path, f"folder(path={self.params.path})").resolve()
+        _, files_per_class, _ = _folder_layout(str(root))
         return {"path": str(root), "files": _manifest_digest(root, [f for files in files_per_class for f in files])}
 
     def load(self, seed: int = 0) -> Splits:
@@ -215,7 +285,7 @@ class Folder(Dataset):
         from gileak.data import train_test_split
 
         info = self.info()
-        names, files_per_class = _folder_layout(self.params.path)
+        _, files_per_class = self._layout()
         size, mode = self.params.size, ("L" if self.params.channels == 1 else "RGB")
         images, labels = [], []
         for label, files in enumerate(files_per_class):
@@ -234,7 +304,7 @@ class Folder(Dataset):
                 images.append(torch.from_numpy(array.reshape(size, size, -1)).permute(2, 0, 1))
                 labels.append(label)
         images_t, labels_t = torch.stack(images), torch.tensor(labels, dtype=torch.long)
-        if self.params.test_fraction == 0 or len(images) < 2:
+        if _no_test_split(len(images), self.params.test_fraction):
             empty = images_t[:0]
             return Splits(images_t, labels_t, empty, labels_t[:0], info.class_names)
         train_x, train_y, test_x, test_y = train_test_split(images_t, labels_t, self.params.test_fraction, seed=0)
@@ -254,8 +324,9 @@ class DownloadableDataset(Dataset):
     source: ClassVar[str] = ""
     shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     class_names: ClassVar[tuple[str, ...]] = ()
-    #: Training images of the official split (for cost estimates without the files).
+    #: Training and test images of the official split (plan checks and cost estimates without the files).
     train_size: ClassVar[int] = 0
+    test_size: ClassVar[int] = 0
 
     class Params(Dataset.Params):
         root: str | None = Field(
@@ -298,8 +369,9 @@ class DownloadableDataset(Dataset):
         return self.declared_info()
 
     def declared_info(self) -> DatasetInfo:
-        """Shape and classes as declared, whether or not the files are there."""
-        return DatasetInfo(self.shape, len(self.class_names), self.class_names)
+        """Shape, classes and training-set size as declared, whether or not the files are there."""
+        return DatasetInfo(self.shape, len(self.class_names), self.class_names, train_size=self.train_size or None,
+                           test_size=self.test_size or None)
 
     def fetch(self) -> None:
         """Download into `root()` with the library's own download code."""
@@ -360,6 +432,7 @@ class MNIST(DownloadableDataset):
     shape = (1, 28, 28)
     class_names = tuple(str(i) for i in range(10))
     train_size = 60_000
+    test_size = 10_000
     RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -439,6 +512,7 @@ class CIFAR10(DownloadableDataset):
     shape = (3, 32, 32)
     class_names = CIFAR10_CLASSES
     train_size = 50_000
+    test_size = 10_000
     FOLDER = "cifar-10-batches-py"
     TRAIN = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
     TEST = ("test_batch",)
@@ -552,7 +626,8 @@ class _MedMNIST(DownloadableDataset):
 
     def declared_info(self) -> DatasetInfo:
         channels, size = self.shape[0], self.params.size
-        return DatasetInfo((channels, size, size), len(self.class_names), self.class_names)
+        return DatasetInfo((channels, size, size), len(self.class_names), self.class_names,
+                           train_size=self.train_size or None, test_size=self.test_size or None)
 
     def _medmnist_class(self):
         import medmnist
@@ -595,6 +670,7 @@ def _medmnist(cls_name: str, flag: str, channels: int, classes: tuple[str, ...],
         "shape": (channels, 28, 28),
         "class_names": classes,
         "train_size": int(counts.split("/")[0].replace(",", "")),
+        "test_size": int(counts.split("/")[1].replace(",", "")),
     })
 
 

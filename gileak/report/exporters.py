@@ -42,7 +42,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     clean = _rows(rows)
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "".join(
-        "| " + " | ".join(_cell(r[k]).replace("|", "\\|").replace("\n", " ") for k in COLUMNS) + " |\n"
+        "| " + " | ".join(" ".join(_cell(r[k]).replace("|", "\\|").split()) for k in COLUMNS) + " |\n"
         for r in clean
     )
     notes = sorted({r["lpips_note"] for r in clean if r.get("lpips_note")})

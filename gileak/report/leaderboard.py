@@ -6,8 +6,11 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+#: What a row that is not a measurement says in place of its SSIM, so it cannot be read as one.
+STATUS_STYLE = {"failed": "bold red", "not applicable": "yellow", "partial": "yellow"}
 
 
 #: The columns that name a row.
@@ -24,25 +27,29 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
 
 def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = None,
                        title: str = "gileak leaderboard") -> Table:
-    """Print the leaderboard; failed cells stay in it with their reason. Returns the table."""
+    """Print the leaderboard; failed cells stay in it with their reason. Returns the table.
+    Every cell is rich Text: labels, paths and reasons print as written on any console."""
     console = console or Console()
-    table = Table(title=title, title_style="bold", show_lines=False)
+    table = Table(title=Text(title, style="bold"), show_lines=False)
     for header, justify in (
         ("dataset", "left"), ("model", "left"), ("defense", "left"), ("client", "left"), ("attack", "left"),
+        ("status", "left"),
         ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
         ("labels (blind)", "right"), ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"),
         ("time s", "right"),
     ):
-        table.add_column(header, justify=justify, overflow="fold")
+        table.add_column(Text(header), justify=justify, overflow="fold")
     has_accuracy = any(r.get("accuracy_mean") is not None for r in rows)
     for row in rows:
-        names = [str(row.get(k, "gradient" if k == "client" else "")) for k in NAME_COLUMNS]
-        if row.get("status") == "failed":
+        names = [Text(str(row.get(k, "gradient" if k == "client" else ""))) for k in NAME_COLUMNS]
+        status = str(row.get("status") or "ok")
+        status_cell = Text(status.upper() if status == "failed" else status, style=STATUS_STYLE.get(status, "green"))
+        if status == "failed":
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
-            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 9)
+            table.add_row(*names, status_cell, Text(f"failed: {reason}", style="red"), *[Text("")] * 9)
             continue
-        if row.get("status") == "not applicable":
-            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 9)
+        if status == "not applicable":
+            table.add_row(*names, status_cell, Text("— (see note)", style="yellow"), *[Text("")] * 9)
             continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
@@ -57,11 +64,10 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         victims = str(row.get("victims", "—"))
         if row.get("images") and row.get("images") != row.get("victims"):
             victims += f" ({row['images']} img)"
-        table.add_row(
-            *names, ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
-            _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), labels, accuracy, params,
-            victims, _num(row.get("seconds"), "{:.1f}"),
-        )
+        cells = [ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
+                 _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), labels, accuracy, params,
+                 victims, _num(row.get("seconds"), "{:.1f}")]
+        table.add_row(*names, status_cell, *[Text(cell) for cell in cells])
     notes = []
     lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     notes += [f"LPIPS —: {note}" for note in lpips_notes]
@@ -80,9 +86,13 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
                      "are per image, each reconstruction paired with an original by the assignment of highest "
                      "total SSIM (an evaluation step that uses the ground truth)")
     partial = [r for r in rows if r.get("status") == "partial"]
-    notes += [f"partial: {' | '.join(str(r.get(k, '')) for k in NAME_COLUMNS)}: "
-              f"{escape(str(r.get('error')))}" for r in partial]
-    table.caption = "\n".join(notes)
+    notes += [f"partial (some seeds failed; scored on the others): "
+              f"{' | '.join(str(r.get(k, '')) for k in NAME_COLUMNS)}: {r.get('error')}"
+              for r in partial]
+    failed = sum(r.get("status") == "failed" for r in rows)
+    if failed:
+        notes.insert(0, f"FAILED: {failed} row(s) measured nothing (reason in the row); they are not privacy")
+    table.caption = Text("\n".join(notes))
     table.caption_justify = "left"
     console.print(table)
     return table
