@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-DOC_FILES = ("getting-started.md", "cli.md", "writing-plugins.md", "hooks.md", "security.md")
+DOC_FILES = ("getting-started.md", "cli.md", "writing-plugins.md", "hooks.md", "security.md", "threat-models.md")
 
 
 def _read(name: str) -> str:
@@ -254,6 +254,42 @@ def test_defense_model_dataset_examples_work():
             assert set(changed) == set(gradient)
             assert all(changed[n].shape == gradient[n].shape for n in gradient)
         assert slots(net)
+
+
+@pytest.mark.parametrize("doc", ["writing-plugins.md", "hooks.md"])
+def test_client_examples_register_upload_and_simulate_their_upload(doc):
+    """Each client example registers, and its simulation on the true images is its upload in
+    gradient units; the built-in attacks run on it (they declare handles_clients)."""
+    import torch
+    from torch import nn
+
+    from gileak import Client
+    from gileak.default_plugins.attacks import InvertingGradients
+    from gileak.default_plugins.defenses import NoDefense
+    from gileak.registry import Registry
+    from gileak.threat import Target, shared_gradients
+
+    blocks = [b for b in _python_blocks(_read(doc)) if "(Client)" in b]
+    assert blocks, f"{doc} shows no client"
+    for block in blocks:
+        for cls in _registered(_exec_block(block), "register_clients"):
+            assert issubclass(cls, Client) and cls.description
+            Registry().add("client", cls, "docs-example")
+            client = cls()
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+            count = client.images_per_victim()
+            images = torch.rand(2 * count, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+            labels = torch.arange(2 * count) % 3
+            uploads = shared_gradients(net, NoDefense(), images, labels, client=client)
+            target = Target(net=net, shared_gradient=uploads, input_shape=(1, 4, 4), num_classes=3, labels=labels,
+                            client=client)
+            simulated = target.simulate(target.params, target.frozen, images[:count], labels[:count],
+                                        list(target.params))
+            for name, value in target.shared_in_gradient_units().items():
+                torch.testing.assert_close(simulated[name], value[0], atol=1e-6, rtol=1e-4)
+            result = InvertingGradients().attack(target, seeds=[0, 1], max_iterations=2)
+            assert result.images.shape == (2 * count, 1, 4, 4)
 
 
 def test_every_builtin_component_and_parameter_is_in_components_md():
