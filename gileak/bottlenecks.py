@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gileak.engine.rules import register_module_rule
+
 
 def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
     """KL(N(mu, sigma) || N(0, 1)) summed (or, reduce="mean", averaged) over every dimension but
@@ -38,6 +40,9 @@ def _sample(mu: torch.Tensor, sigma: torch.Tensor, training: bool) -> torch.Tens
     return mu + sigma * torch.randn_like(mu)
 
 
+# Each samples per image and averages its KL over the batch: the factored engine may run them
+# (their encoder and decoder are Linear or Conv2d layers) with many victims in one batch.
+@register_module_rule(role="composite", batch_mean_aux=True)
 class PrecodeBottleneck(nn.Module):
     """PRECODE's fully connected variational bottleneck (Scheliga et al., WACV 2022).
 
@@ -77,6 +82,7 @@ class PrecodeBottleneck(nn.Module):
         return f"shape={self.shape}, K={self.size}, beta={self.beta}"
 
 
+@register_module_rule(role="composite", batch_mean_aux=True)
 class ConvBottleneck(nn.Module):
     """The Convolutional Variational Bottleneck (CVB) of the paper (Sec. IV, Fig. 8).
 

@@ -57,31 +57,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from gileak.engine.rules import module_rule
 from gileak.nets import Slot, aux_loss
 
-#: Leaf modules that act on each sample alone and own no parameters (or, Conv2d/Linear, whose
-#: parameters the fast path handles). Exact types: a subclass may override forward.
-_PER_SAMPLE = (
-    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
-)
-#: Layers whose per-sample gradient is formed from factors.
-_FACTORED = (nn.Conv2d, nn.Linear)
 
-
-def _containers() -> tuple[type, ...]:
-    """Modules with children whose own forward acts on each sample alone. The bottlenecks
-    average their KL over the batch, which `FactoredMatching` scales back to a per-victim sum."""
-    from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck
-
-    return (nn.Sequential, Slot, PrecodeBottleneck, ConvBottleneck)
+def _factored(module: nn.Module) -> bool:
+    """A Conv2d or Linear: a layer whose per-sample gradient is formed from factors."""
+    rule = module_rule(module)
+    return rule is not None and rule.role == "factored"
 
 
 def _batch_mean_aux(module: nn.Module) -> bool:
-    from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck
-
-    return type(module) in (PrecodeBottleneck, ConvBottleneck)
+    """Its aux_loss averages over the batch, which `FactoredMatching` scales back per victim."""
+    rule = module_rule(module)
+    return rule is not None and rule.batch_mean_aux
 
 
 @dataclass
@@ -116,16 +105,16 @@ def _conv_unfold_args(conv: nn.Conv2d) -> dict | None:
 
 
 def _supported(net: nn.Module) -> bool:
-    containers = _containers()
+    """Whether every module of the net has a rule (`gileak.engine.rules`) the engine can follow:
+    a factored layer it can unfold, or a module holding no parameters or buffers of its own."""
     for module in net.modules():
-        kind = type(module)
-        if kind in _FACTORED:
-            if kind is nn.Conv2d and _conv_unfold_args(module) is None:
+        rule = module_rule(module)
+        if rule is None:
+            return False
+        if rule.role == "factored":
+            if type(module) is nn.Conv2d and _conv_unfold_args(module) is None:
                 return False
-        elif kind in containers:
-            if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-                return False
-        elif kind not in _PER_SAMPLE:
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
             return False
     return True
 
@@ -178,12 +167,12 @@ class FactoredMatching:
         for name in target.params:  # every trainable parameter must belong to a factored layer
             prefix, _, leaf = name.rpartition(".")
             module = modules.get(prefix)
-            if type(module) not in _FACTORED or leaf not in ("weight", "bias"):
+            if module is None or not _factored(module) or leaf not in ("weight", "bias"):
                 return None
             owners[name] = (module, prefix, leaf)
         factored = [_Layer(name, module, None, None,
                            unfold=_conv_unfold_args(module) if type(module) is nn.Conv2d else None)
-                    for name, module in net.named_modules() if type(module) in _FACTORED]
+                    for name, module in net.named_modules() if _factored(module)]
         by_prefix = {layer.name: layer for layer in factored}
         for name in wanted:
             _, prefix, leaf = owners[name]
@@ -191,6 +180,8 @@ class FactoredMatching:
         shapes = cls._dry_run(target, factored)
         if shapes is None:
             return None
+        if any(getattr(m, "aux_loss", None) is not None and not _batch_mean_aux(m) for m in net.modules()):
+            return None  # a loss term (left by the dry run) the engine cannot split between victims
         layers = [layer for layer in factored if layer.weight is not None or layer.bias is not None]
         for layer in layers:
             positions, fan_in, fan_out = shapes[layer.name]
@@ -323,13 +314,8 @@ class FactoredMatching:
                 self._layer_terms(layer, captured[layer.name][0], g, laid_out, dots, norms, diffs)
             total = self._distance(dots, norms, diffs, squares, x)
             (image_grads,) = torch.autograd.grad(total.sum(), x)
-        cosines = None
-        if self.groups:
-            cosines = torch.stack([
-                _cosine_from(sum(dots[n] for n in g), sum(norms[n] for n in g), sum(squares[n] for n in g))
-                for g in self.groups.values()
-            ], dim=1).detach()
-        return image_grads, total.detach(), cosines
+        cosines = self._cosines(dots, norms, squares)
+        return image_grads, total.detach(), None if cosines is None else cosines.detach()
 
     # ------------------------------------------------------------------ the plain chain
     def _buffer(self, key, like: torch.Tensor) -> Callable[[tuple[int, ...]], torch.Tensor]:
@@ -353,23 +339,37 @@ class FactoredMatching:
     @torch.no_grad()
     def _chain_step(self, x: torch.Tensor, labels: torch.Tensor, laid_out: dict, squares: dict):
         """`step` for a plain chain (`_chain_ops`), every derivative written out instead of
-        taken by autograd: a forward keeping each layer's unfolded input U and each ReLU's output;
-        the output gradients g (backward 1); per victim <G, S>, ||G||^2 and the loss; the
-        derivative of the loss w.r.t. each matched G, Gbar = alpha S + beta G (cosine) or
-        2 (G - S) (Euclidean), pushed to g and U (gbar = Gbar U, Ubar = Gbar^T g); gbar carried
-        forward through backward 1's adjoint (the ReLU masks, each layer's forward without
-        bias) to the logits' softmax Jacobian; and the result carried back through the
-        forward's adjoint, each layer adding its Ubar, to the images."""
-        config = self.config
-        euclidean = config.distance == "euclidean"
-        cosine = not euclidean or bool(self.groups)
-        ops = self.chain
-        per_victim = self.per_victim  # x: the victims' batches of M images, one after another
-        n = x.shape[0] // per_victim  # victims
+        taken by autograd, in named steps:
 
-        saved: list = []  # per op: layer (input shape, U or None), relu its output, flatten its input shape
+        1. `_chain_forward`: a forward keeping each layer's unfolded input U and each ReLU's output;
+        2. `_chain_output_gradients`: every matched layer's output gradient g (backward 1);
+        3. `_chain_layer_terms`: per victim and matched parameter <G, S>, ||G||^2 (and ||G − S||^2);
+        4. `_chain_distance`: the loss, and its derivative w.r.t. each matched G,
+           Gbar = alpha S + beta G (cosine) or 2 (G − S) (Euclidean);
+        5. `_chain_factor_bars`: each Gbar pushed to its layer's g and U (gbar = Gbar U,
+           Ubar = Gbar^T g);
+        6. `_chain_image_gradient`: the gbars carried forward through backward 1's adjoint (the
+           ReLU masks, each layer's forward without bias) to the logits' softmax Jacobian, and
+           the result back through the forward's adjoint, each layer adding its Ubar, to the images;
+        7. `_chain_prior`: the total-variation prior and its gradient."""
+        saved, probs = self._chain_forward(x)
+        matched_at = [i for i, op in enumerate(self.chain)
+                      if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
+        deltas = self._chain_output_gradients(saved, probs, labels, matched_at)
+        terms, dots, norms, diffs = self._chain_layer_terms(matched_at, saved, deltas, laid_out)
+        reconstruction, alpha, beta = self._chain_distance(dots, norms, diffs, squares)
+        gbars, ubars = self._chain_factor_bars(matched_at, terms, deltas, laid_out, alpha, beta)
+        image_grads = self._chain_image_gradient(saved, probs, gbars, ubars)
+        total = self._chain_prior(x, reconstruction, image_grads)
+        return image_grads, total, self._cosines(dots, norms, squares)
+
+    def _chain_forward(self, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """The forward of the N·M images: what each op keeps for the backward passes — a layer
+        (its input shape, its unfolded input U or None), a ReLU its output, a flatten its input
+        shape — and the softmax of the logits."""
+        saved: list = []
         h = x
-        for i, op in enumerate(ops):
+        for i, op in enumerate(self.chain):
             if op[0] == "layer":
                 layer = op[1]
                 weight, bias = self._weights(layer)
@@ -386,14 +386,16 @@ class FactoredMatching:
             else:
                 saved.append(h.shape)
                 h = h.flatten(1)
-        probs = torch.softmax(h, 1)
+        return saved, torch.softmax(h, 1)
 
-        # Backward 1: every matched layer's output gradient g (summed loss = per-victim losses).
-        matched_at = [i for i, op in enumerate(ops)
-                      if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
+    def _chain_output_gradients(self, saved: list, probs: torch.Tensor, labels: torch.Tensor,
+                                matched_at: list[int]) -> dict[int, torch.Tensor]:
+        """Backward 1: every matched layer's output gradient g, per image, of the summed loss
+        (the victims' losses, each the mean over its M images)."""
+        ops = self.chain
         delta = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
-        if per_victim > 1:  # a victim's loss is the mean over its images
-            delta = delta / per_victim
+        if self.per_victim > 1:  # a victim's loss is the mean over its images
+            delta = delta / self.per_victim
         deltas: dict[int, torch.Tensor] = {}
         for i in range(len(ops) - 1, matched_at[0] - 1, -1):
             op = ops[i]
@@ -410,14 +412,22 @@ class FactoredMatching:
                 delta = torch.ops.aten.threshold_backward(delta, saved[i], 0)
             else:
                 delta = delta.reshape(saved[i])
+        return deltas
 
-        # Per-layer terms.
+    def _chain_layer_terms(self, matched_at: list[int], saved: list, deltas: dict, laid_out: dict):
+        """Per matched layer, its factors regrouped victim by victim (U (n, fan_in, P), g (n,
+        fan_out, P)) and what step 5 reuses (`terms`), and per victim and parameter <G, S>
+        (`dots`), ||G||^2 (`norms`) and, Euclidean, ||G − S||^2 (`diffs`): a one-position layer
+        as a rank-one product (ghost), every other one with G materialised."""
+        euclidean = self.config.distance == "euclidean"
+        cosine = not euclidean or bool(self.groups)
+        per_victim = self.per_victim
         dots: dict[str, torch.Tensor] = {}
         norms: dict[str, torch.Tensor] = {}
         diffs: dict[str, torch.Tensor] = {}
         terms: dict[int, dict] = {}
         for i in matched_at:
-            layer = ops[i][1]
+            layer = self.chain[i][1]
             if layer.unfold is not None:
                 g = deltas[i].flatten(2)
                 u = saved[i][1]
@@ -425,6 +435,7 @@ class FactoredMatching:
                 g = deltas[i].unsqueeze(2)
                 u = saved[i][1].unsqueeze(2)
             g, u = _by_victim(g, per_victim), _by_victim(u, per_victim)
+            n = g.shape[0]  # victims
             # now U (n, fan_in, P) and g (n, fan_out, P), a victim's images' positions side by side
             term = terms[i] = {"g": g, "u": u}
             if layer.weight is not None:
@@ -457,24 +468,34 @@ class FactoredMatching:
                 term["gb"] = g.sum(2)
                 self._materialised(layer.bias, term["gb"], laid_out[layer.bias][0], euclidean, cosine,
                                    dots, norms, diffs)
+        return terms, dots, norms, diffs
 
-        if euclidean:
-            reconstruction = sum(diffs[name] for name in self.names)
-        else:
-            dot = sum(dots[name] for name in self.names)
-            norm_a = sum(norms[name] for name in self.names).sqrt()
-            norm_b = sum(squares[name] for name in self.names).sqrt()
-            den = norm_a * norm_b + 1e-12
-            reconstruction = 1 - dot / den
-            alpha = -1 / den  # d loss / d G = alpha S + beta G
-            beta = dot * norm_b / (norm_a * den * den)
+    def _chain_distance(self, dots: dict, norms: dict, diffs: dict, squares: dict):
+        """(each victim's gradient distance, alpha, beta): for the cosine distance its
+        derivative w.r.t. a matched G is alpha S + beta G; for the Euclidean one (alpha and
+        beta None) it is 2 (G − S)."""
+        if self.config.distance == "euclidean":
+            return sum(diffs[name] for name in self.names), None, None
+        dot = sum(dots[name] for name in self.names)
+        norm_a = sum(norms[name] for name in self.names).sqrt()
+        norm_b = sum(squares[name] for name in self.names).sqrt()
+        den = norm_a * norm_b + 1e-12
+        alpha = -1 / den
+        beta = dot * norm_b / (norm_a * den * den)
+        return 1 - dot / den, alpha, beta
 
-        # Each matched G's loss derivative, pushed to its layer's g and U.
+    def _chain_factor_bars(self, matched_at: list[int], terms: dict, deltas: dict, laid_out: dict, alpha, beta):
+        """Each matched G's loss derivative Gbar pushed to its layer's factors: gbar = Gbar U
+        (listed image by image, shaped as the layer's output gradient) and Ubar = Gbar^T g —
+        or, where it is cheaper to form where it is used, the pair (Gbar^T, g). Overwrites the
+        materialised G^T of `terms` with Gbar^T."""
+        euclidean = alpha is None
+        per_victim = self.per_victim
         matched = set(self.names)
         gbars: dict[int, torch.Tensor] = {}
         ubars: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # Ubar, or (A, B): Ubar = A B
         for i in matched_at:
-            layer, term = ops[i][1], terms[i]
+            layer, term = self.chain[i][1], terms[i]
             g, u = term["g"], term["u"]
             gbar = ubar = None
             if layer.weight in matched:
@@ -512,8 +533,13 @@ class FactoredMatching:
                 gbars[i] = _by_image(gbar, per_victim).reshape(deltas[i].shape)
             if ubar is not None:
                 ubars[i] = ubar
+        return gbars, ubars
 
-        # Backward 1's adjoint: each gbar carried forward to the logits.
+    def _chain_image_gradient(self, saved: list, probs: torch.Tensor, gbars: dict, ubars: dict) -> torch.Tensor:
+        """The gbars carried forward through backward 1's adjoint to the logits, through the
+        softmax's (symmetric) Jacobian, then back through the forward to the images, each layer
+        adding its Ubar on the way."""
+        ops = self.chain
         carry = None
         for i in range(min(gbars), len(ops)) if gbars else ():
             op = ops[i]
@@ -531,10 +557,9 @@ class FactoredMatching:
                 carry = torch.ops.aten.threshold_backward(carry, saved[i], 0)
             else:
                 carry = carry.flatten(1)
-        # ... through the softmax's (symmetric) Jacobian, then back through the forward to the images.
         bar = probs * (carry - (probs * carry).sum(1, keepdim=True)) if carry is not None else torch.zeros_like(probs)
-        if per_victim > 1:  # (each image's output gradient was scaled by 1/M)
-            bar = bar / per_victim
+        if self.per_victim > 1:  # (each image's output gradient was scaled by 1/M)
+            bar = bar / self.per_victim
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
             if op[0] == "layer":
@@ -552,29 +577,37 @@ class FactoredMatching:
                 bar = torch.ops.aten.threshold_backward(bar, saved[i], 0)
             else:
                 bar = bar.reshape(saved[i])
-        image_grads = bar
+        return bar
 
-        total = reconstruction
-        if config.tv_weight:
-            dx = x[..., :, 1:] - x[..., :, :-1]
-            dy = x[..., 1:, :] - x[..., :-1, :]
-            tv = dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1)
-            if per_victim > 1:  # a victim's prior: the mean over its images
-                tv = tv.view(n, per_victim).mean(1)
-            total = reconstruction + config.tv_weight * tv
-            sx = dx.sign_().mul_(config.tv_weight / (dx[0].numel() * per_victim))
-            sy = dy.sign_().mul_(config.tv_weight / (dy[0].numel() * per_victim))
-            image_grads[..., :, 1:] += sx
-            image_grads[..., :, :-1] -= sx
-            image_grads[..., 1:, :] += sy
-            image_grads[..., :-1, :] -= sy
-        cosines = None
-        if self.groups:
-            cosines = torch.stack([
-                _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g), sum(squares[m] for m in g))
-                for g in self.groups.values()
-            ], dim=1)
-        return image_grads, total, cosines
+    def _chain_prior(self, x: torch.Tensor, reconstruction: torch.Tensor, image_grads: torch.Tensor) -> torch.Tensor:
+        """Each victim's total loss: the distance plus the weighted total-variation prior (a
+        victim's: the mean over its images), whose gradient is added to `image_grads` in place."""
+        config = self.config
+        if not config.tv_weight:
+            return reconstruction
+        per_victim = self.per_victim
+        dx = x[..., :, 1:] - x[..., :, :-1]
+        dy = x[..., 1:, :] - x[..., :-1, :]
+        tv = dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1)
+        if per_victim > 1:
+            tv = tv.view(-1, per_victim).mean(1)
+        total = reconstruction + config.tv_weight * tv
+        sx = dx.sign_().mul_(config.tv_weight / (dx[0].numel() * per_victim))
+        sy = dy.sign_().mul_(config.tv_weight / (dy[0].numel() * per_victim))
+        image_grads[..., :, 1:] += sx
+        image_grads[..., :, :-1] -= sx
+        image_grads[..., 1:, :] += sy
+        image_grads[..., :-1, :] -= sy
+        return total
+
+    def _cosines(self, dots: dict, norms: dict, squares: dict) -> torch.Tensor | None:
+        """Per victim and traced layer, the cosine of dummy and shared gradient (None: no trace)."""
+        if not self.groups:
+            return None
+        return torch.stack([
+            _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g), sum(squares[m] for m in g))
+            for g in self.groups.values()
+        ], dim=1)
 
     def _forward(self, layer: _Layer, captured: dict) -> Callable:
         """The layer's forward with the target's parameters; a matched layer leaves (its
@@ -866,7 +899,7 @@ def _chain_ops(net: nn.Module, factored: list[_Layer], shapes: dict, target) -> 
             return all(walk(child) for child in module)
         if kind is Slot:
             return walk(module.body)
-        if kind in _FACTORED:
+        if _factored(module):
             if id(module) not in by_module:
                 return False
             ops.append(("layer", by_module[id(module)]))
