@@ -352,3 +352,61 @@ def test_hostile_clients_exit_2_before_anything_runs(capsys, tmp_path, clients, 
     assert code == 2, (out, err)
     assert message in err and "Traceback" not in err + out
     assert not (tmp_path / "run" / "results.sqlite").exists()
+
+
+# --- per-module rules: a third party's stochastic module in the fast engine ----------------------
+
+
+def test_a_registered_third_party_stochastic_module_takes_the_factored_engine():
+    from gileak.engine import rules
+    from gileak.nets import Slot
+
+    class Jitter(nn.Module):
+        """Multiplies each sample by its own noise (train mode) and adds a batch-mean penalty."""
+
+        stochastic = True
+
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Linear(36, 36)
+            self.aux_loss = None
+
+        def forward(self, x):
+            shape = x.shape
+            h = self.scale(x.flatten(1))
+            if self.training:
+                h = h * (1 + 0.1 * torch.randn_like(h))
+            self.aux_loss = 0.01 * h.pow(2).mean()
+            return h.view(shape)
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), Slot(1, (4, 3, 3)), nn.Flatten(),
+                            nn.Linear(36, CLASSES))
+        net[2].insert(Jitter())
+        return net.eval()  # eval: deterministic, so the engines can be compared number for number
+
+    client = GradientClient(batch=2)
+    config = MatchingConfig(tv_weight=0.0)
+    target, _ = target_for(client, victims=2, net=build())
+    victim_loss = make_victim_loss(target, config)
+    assert FactoredMatching.build(target, config, victim_loss.matched, victim_loss.names, victim_loss.groups) is None
+    try:
+        rules.register_module_rule(Jitter, role="composite", batch_mean_aux=True)
+        fast = FactoredMatching.build(target, config, victim_loss.matched, victim_loss.names, victim_loss.groups)
+        assert fast is not None and fast.chain is None  # the autograd path of the factored engine
+        images = torch.randn(2, 2, *SHAPE, generator=torch.Generator().manual_seed(3))
+        labels = target.labels.view(2, 2)
+        shared = tuple(target.shared_gradient[n] for n in victim_loss.names)
+        grads, losses, _ = fast.step(images, labels, shared)
+        expected_grads, (expected_losses, _) = torch.func.vmap(
+            torch.func.grad_and_value(victim_loss, has_aux=True))(images, labels, shared)
+        torch.testing.assert_close(losses, expected_losses, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads, expected_grads, atol=1e-5, rtol=1e-3)
+        # its aux loss must be a batch mean: registered without saying so, it is left to vmap
+        rules.register_module_rule(Jitter, role="composite")
+        assert FactoredMatching.build(target, config, victim_loss.matched, victim_loss.names, victim_loss.groups) is None
+    finally:
+        rules._RULES.pop(Jitter, None)
+    with pytest.raises(ValueError, match="only Conv2d and Linear"):
+        rules.register_module_rule(Jitter, role="factored")
