@@ -165,9 +165,10 @@ def _victim_seed(seed: int, index: int) -> int:
 
 
 def _attack_seed(cell_seed: int, attack_id: str) -> int:
-    """The global RNG seed an attack starts from (stochastic modules sample from it): fixed by
-    the cell and the attack alone, so an attack run after a resume draws what it would have
-    drawn in one uninterrupted run."""
+    """The global RNG seed an attack starts from (for modules that sample from the global stream,
+    e.g. dropout; variational bottlenecks draw from each victim's own stream): fixed by the cell
+    and the attack alone, so an attack run after a resume draws what it would have drawn in one
+    uninterrupted run."""
     import zlib
 
     return (cell_seed * 7_919 + zlib.crc32(attack_id.encode())) % 2**63
@@ -315,7 +316,9 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
         victims = train_images[victim_idx].to(device)
         labels = loaded.train_labels[victim_idx].to(device)
         net.train()  # the victim's step is a training step (the authors attack in train mode)
-        gradients = shared_gradients(net, cell.defense.component, victims, labels, seed=cell.seed)
+        # Victim i's randomness, in its own step and in every attack on it, comes from its seed.
+        victim_seeds = [_victim_seed(cell.seed, i) for i in range(len(victim_idx))]
+        gradients = shared_gradients(net, cell.defense.component, victims, labels, seeds=victim_seeds)
     except Exception as e:
         advance(rounds_left)
         reason = _reason(e, debug)
@@ -338,8 +341,7 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
             torch.manual_seed(_attack_seed(cell.seed, aid))
             target = Target(net=net, shared_gradient=gradients, input_shape=input_shape,
                             num_classes=num_classes, labels=labels, trace=spec.trace)
-            seeds = [_victim_seed(cell.seed, i) for i in range(len(victim_idx))]
-            reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
+            reconstruction = attack.component.attack(target, seeds=victim_seeds, max_iterations=spec.iterations,
                                                      progress=progress)
             seconds = time.perf_counter() - started
             originals = victims.detach().cpu()
