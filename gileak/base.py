@@ -166,6 +166,12 @@ class Attack(Component):
         so attacking it alone gives the same result. `progress(iterations_done)` may be called."""
         raise NotImplementedError
 
+    def check(self, net: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        """Optional, at plan time: called with each defended model the attack will meet (built
+        untrained on the dataset's declared shape, nothing loaded); raise ParamsError when the
+        attack's parameters cannot fit it (e.g. they name a layer it lacks), so the run stops
+        before any work. Whatever cannot run on the model is left to `attack`."""
+
 
 KINDS: dict[str, type[Component]] = {
     "attack": Attack,

@@ -86,7 +86,40 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
         for defense in defenses
         for seed in range(spec.seeds)
     ]
+    _check_attacks(datasets, models, defenses, attacks)
     return Plan(spec, cells)
+
+
+def _check_attacks(datasets: list[Resolved], models: list[Resolved], defenses: list[Resolved],
+                   attacks: list[Resolved]) -> None:
+    """Attacks that check their parameters against a model (`Attack.check`: exclude= names a
+    layer) do it here, on every defended model they will meet, built on the dataset's declared
+    shape: a user's mistake stops the run before any work. A combination that cannot be built
+    here, or a dataset that cannot declare its shape, is checked when it runs."""
+    checking = [a for a in attacks if type(a.component).check is not Attack.check]
+    if not checking:
+        return
+    import torch
+
+    for dataset in datasets:
+        declared = getattr(dataset.component, "declared_info", None)  # downloadable ones: without their files
+        try:
+            info = declared() if callable(declared) else dataset.component.info()
+        except GileakError:
+            continue
+        for model in models:
+            for defense in defenses:
+                try:
+                    input_shape = model.component.input_shape(info.shape)
+                    with torch.random.fork_rng(devices=[]):
+                        net = build_net(model.component, defense.component, input_shape, info.num_classes, 0, "cpu")
+                except Exception:  # noqa: BLE001 — it fails (or is not applicable) when it runs, with its reason
+                    continue
+                for attack in checking:
+                    try:
+                        attack.component.check(net, input_shape)
+                    except UserInputError as e:
+                        raise type(e)(f"{attack.label} on {model.label} + {defense.label} ({dataset.label}): {e}") from e
 
 
 def pick_device(device: str) -> str:
