@@ -90,12 +90,17 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
     return Plan(spec, cells)
 
 
+class _Unbuildable(Exception):
+    """The model cannot be built for this dataset here; the run reports why."""
+
+
 def _check_attacks(datasets: list[Resolved], models: list[Resolved], defenses: list[Resolved],
                    attacks: list[Resolved]) -> None:
     """Attacks that check their parameters against a model (`Attack.check`: exclude= names a
-    layer) do it here, on every defended model they will meet, built on the dataset's declared
-    shape: a user's mistake stops the run before any work. A combination that cannot be built
-    here, or a dataset that cannot declare its shape, is checked when it runs."""
+    layer) do it here, on every defended model they will meet, built (only when an attack asks)
+    on the dataset's declared shape: a user's mistake stops the run before any work. A
+    combination that cannot be built here, or a dataset that cannot declare its shape, is
+    checked when it runs."""
     checking = [a for a in attacks if type(a.component).check is not Attack.check]
     if not checking:
         return
@@ -109,15 +114,24 @@ def _check_attacks(datasets: list[Resolved], models: list[Resolved], defenses: l
             continue
         for model in models:
             for defense in defenses:
-                try:
-                    input_shape = model.component.input_shape(info.shape)
-                    with torch.random.fork_rng(devices=[]):
-                        net = build_net(model.component, defense.component, input_shape, info.num_classes, 0, "cpu")
-                except Exception:  # noqa: BLE001 — it fails (or is not applicable) when it runs, with its reason
-                    continue
+                built: list = []
+
+                def build(model=model, defense=defense, built=built):
+                    if not built:
+                        try:
+                            input_shape = model.component.input_shape(info.shape)
+                            with torch.random.fork_rng(devices=[]):
+                                built.append(build_net(model.component, defense.component, input_shape,
+                                                       info.num_classes, 0, "cpu"))
+                        except Exception as e:  # noqa: BLE001 — it fails (or is not applicable) when it runs
+                            raise _Unbuildable() from e
+                    return built[0]
+
                 for attack in checking:
                     try:
-                        attack.component.check(net, input_shape)
+                        attack.component.check(build, model.component.input_shape(info.shape))
+                    except _Unbuildable:
+                        break
                     except UserInputError as e:
                         raise type(e)(f"{attack.label} on {model.label} + {defense.label} ({dataset.label}): {e}") from e
 

@@ -114,13 +114,13 @@ def _kept(net, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...],
     return tuple(kept), f"{note}; {matched}" if note else matched
 
 
-def _check_subsets(attack: str, net, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...]) -> None:
-    """Plan-time check of exclude= (and its composition with the cut) on the defended model: an
-    unknown name or nothing left to match is a ParamsError before anything runs."""
+def _check_subsets(attack: str, build, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...]) -> None:
+    """Plan-time check of exclude= (and its composition with the cut) on the defended model
+    `build()` gives: an unknown name or nothing left to match is a ParamsError before anything runs."""
     if not exclude:
         return
     try:
-        _kept(net, input_shape, ignore_stochastic, exclude, attack)
+        _kept(build(), input_shape, ignore_stochastic, exclude, attack)
     except NotApplicableError:
         pass  # not the user's to fix: the run reports the row as not applicable, with the reason
 
@@ -157,8 +157,8 @@ class InvertingGradients(Attack):
     def _ignores(self) -> bool:
         return self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
 
-    def check(self, net, input_shape) -> None:
-        _check_subsets(self.name, net, input_shape, self._ignores(), self.params.exclude)
+    def check(self, build, input_shape) -> None:
+        _check_subsets(self.name, build, input_shape, self._ignores(), self.params.exclude)
 
     def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
         """The paper's schedule (plateau 400, stop after 4,000 flat iterations, cap 20,000) keeps
@@ -213,8 +213,8 @@ class DLG(Attack):
 
     label_weight = 0.0
 
-    def check(self, net, input_shape) -> None:
-        _check_subsets(self.name, net, input_shape, self.params.ignore_stochastic, self.params.exclude)
+    def check(self, build, input_shape) -> None:
+        _check_subsets(self.name, build, input_shape, self.params.ignore_stochastic, self.params.exclude)
 
     def lbfgs_config(self, keep):
         from gileak.engine.lbfgs import LBFGSConfig

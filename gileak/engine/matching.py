@@ -2,7 +2,8 @@
 
 Each victim i has its own dummy image, its own Adam state, learning rate, plateau schedule and
 stopping; per-victim dummy gradients come from `vmap` over `grad` of the client loss, so victim
-i's trajectory depends only on its own seed and shared gradient, batched or alone. Where the
+i's trajectory depends only on its own seed and shared gradient, batched or alone — the noise of
+a stochastic model too, drawn from the victim's own stream (`gileak.noise`). Where the
 model allows it (Conv2d / Linear stacks, with or without the variational bottlenecks), the
 factored fast path of `gileak.engine.fast` computes the same per-victim losses and image
 gradients from per-layer factors instead of vmap; `MatchingConfig.factored=False` or any other
