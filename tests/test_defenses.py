@@ -238,6 +238,7 @@ def test_precode_takes_its_authors_kl_summed_over_k_averaged_over_the_batch_in_b
     # their expression, -1/2 (1 + 2 log sigma - mu^2 - sigma^2) summed over K, batch mean, / ln 2
     theirs = (-0.5 * (1 + 2 * sigma.log() - mu.pow(2) - sigma.pow(2))).sum(1).mean().div(math.log(2))
     torch.testing.assert_close(module.aux_loss, 0.2 * theirs)
+    assert Precode().params.beta == 1e-3  # their VariationalBottleneck's default
 
 
 @pytest.mark.parametrize(("channels", "scale", "latent"), [

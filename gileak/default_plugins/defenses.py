@@ -47,7 +47,8 @@ class Precode(Defense):
         size: int | None = Field(
             None, ge=1, description="bottleneck size K; default: half the feature's channels (CNN: 8, 16, 32)"
         )
-        beta: float = Field(0.01, ge=0, description="weight of the KL term in the client loss")
+        beta: float = Field(0.001, ge=0, description="weight of the KL term (in bits) in the client loss; "
+                            "PRECODE's own default")
 
     def apply(self, net):
         from gileak.bottlenecks import PrecodeBottleneck
