@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,13 +54,24 @@ def client_gradient(net: nn.Module, defense, images: torch.Tensor, labels: torch
 
 
 def shared_gradients(net: nn.Module, defense, images: torch.Tensor, labels: torch.Tensor,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """Each victim's shared gradient from a training step on that image alone, stacked (N, ...)."""
+                     seed: int = 0, *, seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Each victim's shared gradient from a training step on that image alone, stacked (N, ...).
+    Victim i's randomness comes from its own seed alone — seeds[i], or seed * 100_003 + i — so
+    its gradient is the same in any batch: its stochastic modules draw from its "upload" stream
+    (`gileak.noise`), a defense's transform gets a generator seeded by it."""
+    from gileak.noise import VictimStreams
+
+    if seeds is None:
+        seeds = [seed * 100_003 + index for index in range(images.shape[0])]
+    if len(seeds) != images.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {images.shape[0]} victims")
     per_victim = []
-    for index in range(images.shape[0]):
-        generator = torch.Generator(device="cpu").manual_seed(seed * 100_003 + index)
-        torch.manual_seed(seed * 100_003 + index)  # stochastic modules sample from the global stream
-        per_victim.append(client_gradient(net, defense, images[index : index + 1], labels[index : index + 1], generator))
+    for index, victim_seed in enumerate(seeds):
+        generator = torch.Generator(device="cpu").manual_seed(int(victim_seed))
+        torch.manual_seed(int(victim_seed))  # modules that still sample from the global stream (dropout)
+        with VictimStreams([victim_seed], "upload").rows([0]):
+            per_victim.append(client_gradient(net, defense, images[index : index + 1], labels[index : index + 1],
+                                              generator))
     return {name: torch.stack([g[name] for g in per_victim]) for name in per_victim[0]}
 
 

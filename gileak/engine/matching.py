@@ -2,7 +2,8 @@
 
 Each victim i has its own dummy image, its own Adam state, learning rate, plateau schedule and
 stopping; per-victim dummy gradients come from `vmap` over `grad` of the client loss, so victim
-i's trajectory depends only on its own seed and shared gradient, batched or alone. Where the
+i's trajectory depends only on its own seed and shared gradient, batched or alone — the noise of
+a stochastic model too, drawn from the victim's own stream (`gileak.noise`). Where the
 model allows it (Conv2d / Linear stacks, with or without the variational bottlenecks), the
 factored fast path of `gileak.engine.fast` computes the same per-victim losses and image
 gradients from per-layer factors instead of vmap; `MatchingConfig.factored=False` or any other
@@ -18,6 +19,7 @@ from torch.func import grad, grad_and_value, vmap
 
 from gileak.base import GradientTrace, Reconstruction
 from gileak.engine.schedule import PerVictimAdam, PlateauAndStop
+from gileak.noise import VictimStreams, predrawn, record_draws
 from gileak.threat import Target
 
 
@@ -193,8 +195,20 @@ def gradient_matching(
 
     trace_rows: list[torch.Tensor] = []
     step = grad_and_value(victim_loss, has_aux=True)
-    batched_step = vmap(step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
+    # Victim i's noise (stochastic modules in training mode) comes from its own stream: under
+    # vmap pre-drawn per victim and handed in, elsewhere drawn row by row (gileak.noise).
+    streams = VictimStreams(seeds, "attack")
+    everyone = list(range(num_victims))
     fast = factored_engine(target, config, victim_loss)
+    draws: list = []
+    if fast is None and config.vectorized:
+        draws = record_draws(step, images[0], labels[0], tuple(s[0] for s in shared))
+
+    def noisy_step(image, label, shared_gradient, noise):
+        with predrawn(noise, [kind for kind, _, _ in draws]):
+            return step(image, label, shared_gradient)
+
+    batched_step = vmap(noisy_step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
 
     for _ in range(max_iterations):
         if not bool(active.any()):
@@ -202,7 +216,8 @@ def gradient_matching(
         if fast is not None:
             # Stopped victims are left out of the work; their rows are ignored below.
             index = None if bool(active.all()) else active.nonzero().squeeze(1)
-            part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
+            with streams.rows(everyone if index is None else index.tolist()):
+                part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
             if index is None:
                 image_grads, losses, cosines = part_grads, part_losses, part_cosines
             else:
@@ -213,13 +228,17 @@ def gradient_matching(
                     cosines = torch.full((num_victims, part_cosines.shape[1]), float("nan"),
                                          device=device).index_copy(0, index, part_cosines)
         elif config.vectorized:
-            image_grads, (losses, aux) = batched_step(images, labels, shared)
+            noise = streams.predraw(everyone, draws, device)
+            image_grads, (losses, aux) = batched_step(images, labels, shared, noise)
             cosines = aux[1] if config.trace else None
         else:
-            results = [
-                step(images[i], labels[i], tuple(s[i] for s in shared)) if active[i] else None
-                for i in range(num_victims)
-            ]
+            results = []
+            for i in range(num_victims):
+                if not active[i]:
+                    results.append(None)
+                    continue
+                with streams.rows([i]):
+                    results.append(step(images[i], labels[i], tuple(s[i] for s in shared)))
             image_grads = torch.stack([r[0] if r is not None else torch.zeros_like(images[i]) for i, r in enumerate(results)])
             losses = torch.stack([r[1][0] if r is not None else torch.zeros((), device=device) for r in results])
             cosines = None
