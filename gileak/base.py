@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -306,6 +307,13 @@ class Attack(Component):
         """Reconstruct every victim of `target`. Victim i's randomness comes from seeds[i] only,
         so attacking it alone gives the same result. `progress(iterations_done)` may be called."""
         raise NotImplementedError
+
+    def check(self, build: Callable[[], nn.Module], input_shape: tuple[int, int, int]) -> None:
+        """Optional, at plan time: called for each defended model the attack will meet; `build()`
+        returns it (built untrained on the dataset's declared shape, nothing loaded; only when
+        called). Raise ParamsError when the attack's parameters cannot fit it (e.g. they name a
+        layer it lacks), so the run stops before any work. Whatever cannot run on the model is
+        left to `attack`."""
 
 
 KINDS: dict[str, type[Component]] = {

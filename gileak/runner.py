@@ -144,6 +144,7 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
         for defense in defenses
         for seed in range(spec.seeds)
     ]
+    _check_attacks(datasets, models, defenses, attacks)
     return Plan(spec, cells, same)
 
 
@@ -276,6 +277,52 @@ def check_buildable(model: Model, defense: Defense, info, where: str) -> None:
             "cross-entropy and shared gradient are zero and there is nothing to attack.")
 
 
+class _Unbuildable(Exception):
+    """The model cannot be built for this dataset here; the run reports why."""
+
+
+def _check_attacks(datasets: list[Resolved], models: list[Resolved], defenses: list[Resolved],
+                   attacks: list[Resolved]) -> None:
+    """Attacks that check their parameters against a model (`Attack.check`: exclude= names a
+    layer) do it here, on every defended model they will meet, built (only when an attack asks)
+    on the dataset's declared shape: a user's mistake stops the run before any work. A
+    combination that cannot be built here, or a dataset that cannot declare its shape, is
+    checked when it runs."""
+    checking = [a for a in attacks if type(a.component).check is not Attack.check]
+    if not checking:
+        return
+    import torch
+
+    for dataset in datasets:
+        declared = getattr(dataset.component, "declared_info", None)  # downloadable ones: without their files
+        try:
+            info = declared() if callable(declared) else dataset.component.info()
+        except GileakError:
+            continue
+        for model in models:
+            for defense in defenses:
+                built: list = []
+
+                def build(model=model, defense=defense, built=built):
+                    if not built:
+                        try:
+                            input_shape = model.component.input_shape(info.shape)
+                            with torch.random.fork_rng(devices=[]):
+                                built.append(build_net(model.component, defense.component, input_shape,
+                                                       info.num_classes, 0, "cpu"))
+                        except Exception as e:  # noqa: BLE001 — it fails (or is not applicable) when it runs
+                            raise _Unbuildable() from e
+                    return built[0]
+
+                for attack in checking:
+                    try:
+                        attack.component.check(build, model.component.input_shape(info.shape))
+                    except _Unbuildable:
+                        break
+                    except UserInputError as e:
+                        raise type(e)(f"{attack.label} on {model.label} + {defense.label} ({dataset.label}): {e}") from e
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -358,9 +405,10 @@ def _victim_seed(seed: int, index: int) -> int:
 
 
 def _attack_seed(cell_seed: int, attack_id: str) -> int:
-    """The global RNG seed an attack starts from (stochastic modules sample from it): fixed by
-    the cell and the attack alone, so an attack run after a resume draws what it would have
-    drawn in one uninterrupted run."""
+    """The global RNG seed an attack starts from (for modules that sample from the global stream,
+    e.g. dropout; variational bottlenecks draw from each victim's own stream): fixed by the cell
+    and the attack alone, so an attack run after a resume draws what it would have drawn in one
+    uninterrupted run."""
     import zlib
 
     return (cell_seed * 7_919 + zlib.crc32(attack_id.encode())) % 2**63
@@ -552,9 +600,11 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
             labels = loaded.train_labels[victim_idx].to(device)
             net.train()  # the victim's step is a training step (the authors attack in train mode)
             describe(f"{cell.key} | {client.label}: the victims' uploads")
-            gradients = shared_gradients_of(net, cell.defense.component, client.component, victims, labels,
-                                            cell.seed)
             per_victim = client.component.images_per_victim()
+            # Victim i's randomness, in its own step and in every attack on it, comes from its seed.
+            victim_seeds = [_victim_seed(cell.seed, i) for i in range(len(victim_idx) // per_victim)]
+            gradients = shared_gradients_of(net, cell.defense.component, client.component, victims, labels,
+                                            victim_seeds)
             victim_names = ["+".join(str(int(i)) for i in victim_idx[v : v + per_victim])
                             for v in range(0, len(victim_idx), per_victim)]
             problem = nothing_to_attack(gradients, victim_names)
@@ -565,23 +615,24 @@ def execute_cell(cell: TrainingCell, spec: BenchSpec, device: str, attacks: list
             continue
         for job in jobs:
             finish(_run_attack(cell, spec, job, net, gradients, victims, labels, victim_idx, victim_names,
-                               input_shape, num_classes, device, units_left, advance, describe, lpips_available,
-                               debug))
+                               victim_seeds, input_shape, num_classes, device, units_left, advance, describe,
+                               lpips_available, debug))
     return outcome
 
 
-def shared_gradients_of(net, defense: Defense, client: Client, victims, labels, seed: int):
-    """Every victim's upload under `client`; the paper's gradient(batch=1) exactly as it always was."""
+def shared_gradients_of(net, defense: Defense, client: Client, victims, labels, seeds: list[int]):
+    """Every victim's upload under `client`, victim i's randomness from seeds[i]; the paper's
+    gradient(batch=1) exactly as it always was."""
     from gileak.threat import shared_gradients
 
     if client.is_single_image_gradient():
-        return shared_gradients(net, defense, victims, labels, seed=seed)
-    return shared_gradients(net, defense, victims, labels, seed=seed, client=client)
+        return shared_gradients(net, defense, victims, labels, seeds=seeds)
+    return shared_gradients(net, defense, victims, labels, seeds=seeds, client=client)
 
 
 def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, victims, labels, victim_idx,
-                victim_names: list[str], input_shape, num_classes: int, device: str, units_left: dict, advance,
-                describe, lpips_available: bool, debug: bool) -> AttackOutcome:
+                victim_names: list[str], victim_seeds: list[int], input_shape, num_classes: int, device: str,
+                units_left: dict, advance, describe, lpips_available: bool, debug: bool) -> AttackOutcome:
     """One job: the attack on the client's victims, scored per image."""
     import torch
 
@@ -606,8 +657,7 @@ def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, v
         torch.manual_seed(_attack_seed(cell.seed, aid))
         target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
                         labels=labels, trace=spec.trace, client=client.component)
-        seeds = [_victim_seed(cell.seed, i) for i in range(target.num_victims)]
-        reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=spec.iterations,
+        reconstruction = attack.component.attack(target, seeds=victim_seeds, max_iterations=spec.iterations,
                                                  progress=progress)
         problem = unscorable(reconstruction, victim_names)
         if problem is not None:

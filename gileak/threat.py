@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,23 +57,36 @@ def client_gradient(net: nn.Module, defense, images: torch.Tensor, labels: torch
 
 
 def shared_gradients(net: nn.Module, defense, images: torch.Tensor, labels: torch.Tensor,
-                     seed: int = 0, client=None) -> dict[str, torch.Tensor]:
+                     seed: int = 0, *, seeds: Sequence[int] | None = None, client=None) -> dict[str, torch.Tensor]:
     """Each victim's upload as the server sees it, stacked (N, ...). Without a `client`, a
     training step's gradient on each image alone (the paper's threat model); with one, victim i
     holds rows i·M … i·M + M − 1 of `images` (M = client.images_per_victim()) and uploads
-    `client.victim_upload` of them."""
+    `client.victim_upload` of them. Victim i's randomness comes from its own seed alone —
+    seeds[i], or seed * 100_003 + i — so its upload is the same in any batch: its stochastic
+    modules draw from its "upload" stream (`gileak.noise`), one sample per image in every
+    forward of its step(s), and a defense's transform gets a generator seeded by it."""
+    from gileak.noise import VictimStreams
+
     per_image = 1 if client is None else client.images_per_victim()
     if images.shape[0] % per_image:
         raise ValueError(f"{images.shape[0]} images cannot be split into victims of {per_image}")
+    count = images.shape[0] // per_image
+    if seeds is None:
+        seeds = [seed * 100_003 + index for index in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} victims")
     per_victim = []
-    for index in range(images.shape[0] // per_image):
-        generator = torch.Generator(device="cpu").manual_seed(seed * 100_003 + index)
-        torch.manual_seed(seed * 100_003 + index)  # stochastic modules sample from the global stream
+    for index, victim_seed in enumerate(seeds):
+        generator = torch.Generator(device="cpu").manual_seed(int(victim_seed))
+        torch.manual_seed(int(victim_seed))  # modules that still sample from the global stream (dropout)
         rows = slice(index * per_image, (index + 1) * per_image)
+        streams = VictimStreams([victim_seed], "upload")
         if client is None:
-            per_victim.append(client_gradient(net, defense, images[rows], labels[rows], generator))
+            with streams.rows([0]):
+                per_victim.append(client_gradient(net, defense, images[rows], labels[rows], generator))
         else:
-            per_victim.append(client.victim_upload(net, defense, images[rows], labels[rows], generator))
+            with streams.victim(0):
+                per_victim.append(client.victim_upload(net, defense, images[rows], labels[rows], generator))
     return {name: torch.stack([g[name] for g in per_victim]) for name in per_victim[0]}
 
 

@@ -410,3 +410,39 @@ def test_a_registered_third_party_stochastic_module_takes_the_factored_engine():
         rules._RULES.pop(Jitter, None)
     with pytest.raises(ValueError, match="only Conv2d and Linear"):
         rules.register_module_rule(Jitter, role="factored")
+
+
+# --- stochastic models: each victim's noise from its own stream, one sample per image ------------
+
+
+@pytest.mark.parametrize("client", [GradientClient(batch=2), GradientClient(batch=2, aggregate=2),
+                                    FedAvgClient(batch=2, steps=2, lr=0.1)], ids=repr)
+def test_with_a_bottleneck_in_training_a_victim_draws_the_same_noise_batched_alone_and_on_every_engine(client):
+    net = tiny_cnn(defense=CVB(kernel=3)).train()
+    target, _ = target_for(client, victims=3, net=net)
+    config = MatchingConfig(plateau_patience=2, stop_patience=4)
+    runs = {}
+    for factored in (True, False):
+        config.factored = factored
+        together = gradient_matching(target, config, seeds=[5, 6, 7], max_iterations=4, labels=target.labels)
+        single = gradient_matching(alone(target, 1), config, seeds=[6], max_iterations=4,
+                                   labels=alone(target, 1).labels)
+        per_victim = client.images_per_victim()
+        torch.testing.assert_close(single.images, together.images[per_victim : 2 * per_victim], atol=1e-4, rtol=0)
+        runs[factored] = together
+    if client.is_mean_gradient():  # the factored engine ran: it draws each image's noise as vmap does
+        torch.testing.assert_close(runs[True].images, runs[False].images, atol=1e-4, rtol=0)
+    config.vectorized = False  # the per-victim loop
+    loop = gradient_matching(target, config, seeds=[5, 6, 7], max_iterations=4, labels=target.labels)
+    torch.testing.assert_close(loop.images, runs[False].images, atol=1e-4, rtol=0)
+
+
+def test_a_victims_upload_noise_is_its_own_in_any_batch():
+    net = tiny_cnn(defense=CVB(kernel=3)).train()
+    images, labels = data(6)
+    client = FedAvgClient(batch=1, steps=2, lr=0.5, aggregate=1)
+    both = shared_gradients(net, NoDefense(), images[:4], labels[:4], seeds=[11, 12], client=client)
+    second = shared_gradients(net, NoDefense(), images[2:4], labels[2:4], seeds=[12], client=client)
+    assert all(torch.equal(both[n][1], second[n][0]) for n in both)
+    other = shared_gradients(net, NoDefense(), images[2:4], labels[2:4], seeds=[13], client=client)
+    assert any(not torch.equal(other[n][0], second[n][0]) for n in other)  # noise that changes with the seed

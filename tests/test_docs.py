@@ -216,6 +216,27 @@ def test_attack_examples_register_and_run(index, tiny_target):
             cls().attack(unlabeled, seeds=[1, 2], max_iterations=1)
 
 
+def test_the_stochastic_module_example_gets_per_victim_noise_and_ignores_cut():
+    import torch
+    from torch import nn
+
+    from gileak.default_plugins.defenses import NoDefense
+    from gileak.nets import first_stochastic_cut
+    from gileak.threat import shared_gradients
+
+    block = next(b for b in _python_blocks(_read("writing-plugins.md")) if "class NoisyBottleneck" in b)
+    bottleneck = _exec_block(block)["NoisyBottleneck"]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bottleneck(4, 2), nn.Flatten(), nn.Linear(144, 3)).train()
+    assert first_stochastic_cut(net, (1, 6, 6)) == ["0.weight", "0.bias", "1.encoder.weight"]
+    images, labels = torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 2])
+    batch = shared_gradients(net, NoDefense(), images, labels, seeds=[4, 5, 6])
+    alone = shared_gradients(net, NoDefense(), images[1:2], labels[1:2], seeds=[5])
+    assert torch.equal(batch["1.decoder.weight"][1], alone["1.decoder.weight"][0])
+    other = shared_gradients(net, NoDefense(), images[1:2], labels[1:2], seeds=[7])
+    assert not torch.equal(other["1.decoder.weight"][0], alone["1.decoder.weight"][0])
+
+
 def test_defense_model_dataset_examples_work():
     import torch
 
@@ -309,10 +330,10 @@ def test_every_builtin_component_and_parameter_is_in_components_md():
 # --- reproducing.md ---------------------------------------------------------------------------
 
 
-def _reproduction_commands() -> list[list[str]]:
+def _reproduction_commands(text: str | None = None) -> list[list[str]]:
     import shlex
 
-    text = _read("reproducing.md")
+    text = _read("reproducing.md") if text is None else text
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
     return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("gileak ")]
 
@@ -343,3 +364,33 @@ def test_every_reproduction_command_parses_and_plans_without_data():
         context = group.commands[argv[1]]
         if argv[1] != "data":
             context.make_context(argv[1], argv[2:])  # parses
+
+
+def test_table_i_commands_exclude_layers_the_defended_models_have():
+    """Table I's `exclude=` names are checked at plan time against the defended CNN built on
+    CIFAR-10's declared shape (no data needed): a misspelt layer would stop the bench."""
+    import typer.main
+
+    from gileak.cli import app
+    from gileak.errors import ParamsError
+    from gileak.runner import plan
+    from gileak.spec import build_spec
+
+    group = typer.main.get_command(app)
+    section = _read("reproducing.md").split("## Table I ", 1)[1].split("\n## ", 1)[0]
+    table1 = [c for c in _reproduction_commands(section) if c[1] == "bench"]
+    assert len(table1) == 3 and sum("exclude=" in " ".join(c) for c in table1) == 2
+
+    def planned(argv):
+        params = group.commands["bench"].make_context("bench", argv[2:]).params
+        spec = build_spec(None, datasets=params["datasets"], models=params["models"],
+                          defenses=params["defenses"], attacks=params["attacks"], profile="paper")
+        return plan(spec, check_data=False)
+
+    for argv in table1:
+        labels = [a.label for a in planned(argv).cells[0].attacks]
+        assert all(label.startswith(("ig", "ignore")) for label in labels)
+        if "exclude=" in " ".join(argv):
+            misspelt = [a.replace(".body.0.decoder", ".body.0.decodr") for a in argv]
+            with pytest.raises(ParamsError, match="did you mean"):
+                planned(misspelt)

@@ -3,12 +3,12 @@ attack, the L-BFGS family (DLG, iDLG, CPL) and the analytic attack on a biased F
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from gileak import Attack, hookimpl
-from gileak.errors import NotApplicableError
+from gileak.errors import NotApplicableError, ParamsError
 
 
 def _labels(target, mode: str, attack: str):
@@ -35,21 +35,102 @@ def _labels(target, mode: str, attack: str):
     return target.labels
 
 
-def _kept(target, ignore_stochastic: bool, attack: str) -> tuple[tuple[str, ...] | None, str]:
-    """The gradients matched: all, or — ignoring stochastic gradients (paper Eq. 4) — only
-    those of layers that run before the first stochastic module's decoder, found by tracing
-    the forward pass."""
-    if not ignore_stochastic:
-        return None, ""
-    from gileak.nets import first_stochastic_cut
+def _layer_names(value: Any) -> Any:
+    """"8.body.0.decoder+10" or ["8.body.0.decoder", 10] -> ("8.body.0.decoder", "10")."""
+    if value is None:
+        return ()
+    if isinstance(value, bool):
+        raise ValueError("give layer names, e.g. exclude=10 or exclude=8.body.0.decoder+10")
+    if isinstance(value, (int, str)):
+        value = str(value).split("+")
+    if isinstance(value, (list, tuple)):
+        names = tuple(part.strip() for v in value for part in str(v).split("+"))
+        if any(not name for name in names):
+            raise ValueError("an empty layer name: join names with a single '+', e.g. 8.body.0.decoder+10")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a layer is named twice: {'+'.join(names)}")
+        return names
+    return value
 
-    cut = first_stochastic_cut(target.net, target.input_shape)
-    if cut is None:
-        return None, f"{attack}: the model has no stochastic module; all gradients were matched"
-    if not cut:
-        raise NotApplicableError(f"{attack}: the first stochastic module's decoder is the first layer; "
-                                 "there is no gradient left to match")
-    return tuple(cut), f"{attack}: matched {len(cut)} of {len(target.params)} parameter gradients"
+
+#: Layer names joined by '+' (paper Table I: the gradients an attack leaves out).
+LayerNames = Annotated[tuple[str, ...], BeforeValidator(_layer_names)]
+EXCLUDE_HELP = ("layers whose gradients are not matched, joined by '+': module names as `gileak inspect` prints "
+                "them (e.g. 10, or 8.body.0.decoder: every parameter below it) or parameter names (10.bias)")
+
+
+def _excluded(net, names: tuple[str, ...], attack: str) -> set[str]:
+    """The trainable parameters `names` cover: a parameter by its name, a module by every
+    trainable parameter below it. An unknown name is a ParamsError listing the layers there are."""
+    trainable = [name for name, param in net.named_parameters() if param.requires_grad]
+    owners = {name: module for name, module in net.named_modules()
+              if name and any(p.requires_grad for p in module.parameters())}
+    covered: set[str] = set()
+    unknown = []
+    for name in names:
+        if name in owners:
+            covered.update(n for n in trainable if n.startswith(name + "."))
+        elif name in trainable:
+            covered.add(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        import difflib
+
+        layers = [name for name, module in owners.items()
+                  if any(p.requires_grad for p in module.parameters(recurse=False))]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, layers + trainable, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ParamsError(
+            f"{attack}: exclude names no layer of this model: {', '.join(hints)}. Its layers with parameters, "
+            f"as `gileak inspect` prints them: {', '.join(layers)} (a parameter name such as {trainable[0]}, "
+            "or a container of layers, works too).")
+    return covered
+
+
+def _kept(net, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...],
+          attack: str) -> tuple[tuple[str, ...] | None, str]:
+    """The gradients matched: all, or — ignoring stochastic gradients (paper Eq. 4) — only those
+    of the layers that run before the decoder of the first stochastic module that runs, found
+    by tracing the forward pass; minus the `exclude`d layers (paper Table I)."""
+    trainable = [name for name, param in net.named_parameters() if param.requires_grad]
+    kept: list[str] | None = None
+    note = ""
+    if ignore_stochastic:
+        from gileak.nets import first_stochastic_cut
+
+        cut = first_stochastic_cut(net, input_shape)
+        if cut is None:
+            note = f"{attack}: the model has no stochastic module, so nothing was cut"
+        elif not cut:
+            raise NotApplicableError(f"{attack}: the first stochastic module's decoder is the first layer; "
+                                     "there is no gradient left to match")
+        else:
+            kept = cut
+    if exclude:
+        dropped = _excluded(net, exclude, attack)
+        kept = [name for name in (kept if kept is not None else trainable) if name not in dropped]
+        if not kept:
+            after_cut = " after the cut before the stochastic decoder" if ignore_stochastic else ""
+            raise ParamsError(f"{attack}: exclude={'+'.join(exclude)} leaves no gradient to match{after_cut}")
+    if kept is None:
+        return None, f"{note}; all gradients were matched" if note else ""
+    excluded = f" (excluded: {', '.join(exclude)})" if exclude else ""
+    matched = f"{attack}: matched {len(kept)} of {len(trainable)} parameter gradients{excluded}"
+    return tuple(kept), f"{note}; {matched}" if note else matched
+
+
+def _check_subsets(attack: str, build, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...]) -> None:
+    """Plan-time check of exclude= (and its composition with the cut) on the defended model
+    `build()` gives: an unknown name or nothing left to match is a ParamsError before anything runs."""
+    if not exclude:
+        return
+    try:
+        _kept(build(), input_shape, ignore_stochastic, exclude, attack)
+    except NotApplicableError:
+        pass  # not the user's to fix: the run reports the row as not applicable, with the reason
 
 
 LabelMode = Literal["known", "recover"]
@@ -78,8 +159,15 @@ class InvertingGradients(Attack):
 
     class Params(_IGParams):
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
     ignore_stochastic_always = False
+
+    def _ignores(self) -> bool:
+        return self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
+
+    def check(self, build, input_shape) -> None:
+        _check_subsets(self.name, build, input_shape, self._ignores(), self.params.exclude)
 
     def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
         """The paper's schedule (plateau 400, stop after 4,000 flat iterations, cap 20,000) keeps
@@ -98,8 +186,7 @@ class InvertingGradients(Attack):
         from gileak.engine import gradient_matching
 
         labels = _labels(target, self.params.labels, self.name)
-        ignore = self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
-        keep, note = _kept(target, ignore, self.name)
+        keep, note = _kept(target.net, target.input_shape, self._ignores(), self.params.exclude, self.name)
         result = gradient_matching(target, self.config(keep, target.trace, max_iterations), seeds=seeds,
                                    max_iterations=max_iterations, labels=labels, progress=progress)
         result.note = note
@@ -116,7 +203,7 @@ class Ignore(InvertingGradients):
     ignore_stochastic_always = True
 
     class Params(_IGParams):
-        pass
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP + "; composes with the cut")
 
 
 class DLG(Attack):
@@ -133,8 +220,12 @@ class DLG(Attack):
         labels: Literal["optimise", "known", "recover"] = Field(
             "optimise", description="optimise dummy labels (DLG), known, or recover (iDLG)")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
     label_weight = 0.0
+
+    def check(self, build, input_shape) -> None:
+        _check_subsets(self.name, build, input_shape, self.params.ignore_stochastic, self.params.exclude)
 
     def lbfgs_config(self, keep):
         from gileak.engine.lbfgs import LBFGSConfig
@@ -146,7 +237,8 @@ class DLG(Attack):
         from gileak.engine.lbfgs import lbfgs_matching
 
         labels = None if self.params.labels == "optimise" else _labels(target, self.params.labels, self.name)
-        keep, note = _kept(target, self.params.ignore_stochastic, self.name)
+        keep, note = _kept(target.net, target.input_shape, self.params.ignore_stochastic, self.params.exclude,
+                           self.name)
         result = lbfgs_matching(target, self.lbfgs_config(keep), seeds=seeds, max_iterations=max_iterations,
                                 labels=labels, progress=progress)
         result.note = note
@@ -166,6 +258,7 @@ class IDLG(DLG):
                                  "(0: one trial, kept or not: torch's LBFGS(max_iter=1) default, which stalls)")
         labels: LabelMode = Field("recover", description="recover (iDLG) or known")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
 
 class CPL(DLG):
@@ -181,6 +274,7 @@ class CPL(DLG):
         label_weight: float = Field(0.01, ge=0, description="weight of the label-based regulariser")
         labels: LabelMode = Field("recover", description="recover (from the gradient) or known")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
     def lbfgs_config(self, keep):
         from gileak.engine.lbfgs import LBFGSConfig

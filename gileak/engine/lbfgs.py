@@ -51,10 +51,11 @@ or a search that leaves x where it was at any step but its first (whose t is min
 lr, the next ones' lr) — would repeat that step unchanged until the end (no pair stored, the
 same d and the same search): it is held there, its iterations counted, without evaluations. A
 model with stochastic modules in training mode (a variational bottleneck, dropout) is evaluated
-afresh at x every iteration, as torch does; its victims draw independent noise (vmap
-randomness="different"), so there the results follow the reference only in distribution.
-Victims attacked together or alone get the same result up to float summation order with a
-deterministic model: nothing couples them — but the search's cubic interpolation, on a nearly
+afresh at x every iteration, as torch does; each victim's bottleneck noise comes from its own
+stream (`gileak.noise`), in the order of its own evaluations, in every engine and in the
+reference, so there too the results follow the reference (dropout still draws from the global
+RNG: only in distribution). Victims attacked together or alone get the same result up to float
+summation order: nothing couples them — but the search's cubic interpolation, on a nearly
 linear stretch, amplifies a 1-ulp difference of the loss (a batch of 2 vs 1 in a matmul) to
 ~1e-5 in t — so do the batched engines against the reference loop."""
 
@@ -71,9 +72,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.optim.lbfgs import _cubic_interpolate
 
 from gileak.base import Reconstruction
-from gileak.engine.matching import (MatchingConfig, as_images, factored_engine, initial_images, make_victim_loss,
-                                    minmax_scale, victim_labels, victim_shape, vmap_chunk)
+from gileak.engine.matching import (MatchingConfig, as_images, factored_engine, image_rows, initial_images,
+                                    make_victim_loss, minmax_scale, victim_labels, victim_shape, vmap_chunk)
 from gileak.nets import batch_statistics_only, is_stochastic
+from gileak.noise import VictimStreams, predrawn, record_draws
 from gileak.threat import Target
 
 #: torch.optim.LBFGS's defaults, which the reference loop uses.
@@ -154,8 +156,9 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
 
     images, found_labels, iterations, best_losses = [], [], [], []
     reported = 0
+    streams = VictimStreams(seeds, "attack")  # victim i's noise: its own stream (gileak.noise)
     for i, seed in enumerate(seeds):
-        torch.manual_seed(int(seed))  # stochastic modules sample from the global stream
+        torch.manual_seed(int(seed))  # modules that still sample from the global stream (dropout)
         image = initial_images(shape, [seed], "randn", device)[0].requires_grad_(True)
         variables = [image]
         if config.optimise_labels:  # one soft label per image
@@ -174,11 +177,12 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
 
         def closure():
             optimizer.zero_grad()
-            total, _ = victim_loss(image, current_label(), shared[i])
-            if config.label_weight:
-                logits = functional_call(target.net, state, (image.reshape(-1, *target.input_shape),))
-                onehot = F.one_hot(labels[i].to(device).reshape(-1), target.num_classes).float()
-                total = total + config.label_weight * (logits.softmax(-1) - onehot).pow(2).sum()
+            with streams.victim(i):
+                total, _ = victim_loss(image, current_label(), shared[i])
+                if config.label_weight:
+                    logits = functional_call(target.net, state, (image.reshape(-1, *target.input_shape),))
+                    onehot = F.one_hot(labels[i].to(device).reshape(-1), target.num_classes).float()
+                    total = total + config.label_weight * (logits.softmax(-1) - onehot).pow(2).sum()
             total.backward()
             return total
 
@@ -324,7 +328,8 @@ class _Evaluator:
     """Per-victim losses and gradients (w.r.t. each victim's flat variables: the image, then
     DLG's label logits) for any subset of one group's victims, in one batched call."""
 
-    def __init__(self, target: Target, config: LBFGSConfig, labels: torch.Tensor | None) -> None:
+    def __init__(self, target: Target, config: LBFGSConfig, labels: torch.Tensor | None,
+                 seeds: list[int] | None = None) -> None:
         self.target = target
         self.config = config
         device = target.device
@@ -342,8 +347,11 @@ class _Evaluator:
         # forward (every model the factored engine supports acts on each sample alone).
         self.fast = None if config.optimise_labels else factored_engine(target, matching, self.victim_loss)
         self.engine = "factored" if self.fast is not None else "vmap"
-        self.batched = vmap(grad_and_value(self._objective), randomness="different",
+        self.batched = vmap(grad_and_value(self._noisy_objective), randomness="different",
                             chunk_size=vmap_chunk(target, num_victims))
+        # Each victim's noise from its own stream, in the order of its evaluations (gileak.noise).
+        self.streams = VictimStreams(seeds if seeds is not None else range(num_victims), "attack")
+        self.draws: list | None = None  # what one evaluation draws, recorded at the first vmap call
         self.calls = 0
         self.evaluations = 0
 
@@ -372,6 +380,10 @@ class _Evaluator:
             total = total + config.label_weight * (logits.softmax(-1) - onehot.reshape(logits.shape)).pow(2).sum()
         return total
 
+    def _noisy_objective(self, flat, label, onehot, shared, noise):
+        with predrawn(noise, [kind for kind, _, _ in self.draws]):
+            return self._objective(flat, label, onehot, shared)
+
     def _label_term(self, images: torch.Tensor, onehot: torch.Tensor):
         """CPL's label term and its image gradient for a batch of victims (factored path)."""
         with torch.enable_grad():
@@ -388,21 +400,27 @@ class _Evaluator:
         victims `index` of the group (None: all)."""
         self.calls += 1
         self.evaluations += points.shape[0] if index is None else index.numel()
+        victims = (self.ids if index is None else self.ids[index]).tolist()
         if self.fast is not None:
             images = points.view(-1, *self.shape)
-            grads, losses, _ = self.fast.step(images, self.group_labels, self.shared, index)
-            grads, losses = grads.reshape(grads.shape[0], -1), losses.detach()
-            if self.config.label_weight:
-                onehot = self.group_onehot if index is None else self.group_onehot[index]
-                term, term_grads = self._label_term(images if index is None else images[index], onehot)
-                losses = losses + term
-                grads = grads + term_grads.reshape(grads.shape)
+            with self.streams.rows(image_rows(victims, self.per_victim)):
+                grads, losses, _ = self.fast.step(images, self.group_labels, self.shared, index)
+                grads, losses = grads.reshape(grads.shape[0], -1), losses.detach()
+                if self.config.label_weight:
+                    onehot = self.group_onehot if index is None else self.group_onehot[index]
+                    term, term_grads = self._label_term(images if index is None else images[index], onehot)
+                    losses = losses + term
+                    grads = grads + term_grads.reshape(grads.shape)
             return losses, grads.detach()
+        if self.draws is None:
+            self.draws = record_draws(self._objective, points[0], self.group_labels[0], self.group_onehot[0],
+                                      tuple(s[0] for s in self.shared))
+        noise = self.streams.predraw(victims, self.draws, points.device)
         if index is None:
-            grads, losses = self.batched(points, self.group_labels, self.group_onehot, self.shared)
+            grads, losses = self.batched(points, self.group_labels, self.group_onehot, self.shared, noise)
         else:
             grads, losses = self.batched(points[index], self.group_labels[index], self.group_onehot[index],
-                                         tuple(s[index] for s in self.shared))
+                                         tuple(s[index] for s in self.shared), noise)
         return losses.detach(), grads.detach()
 
 
@@ -473,7 +491,7 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
         raise ValueError("history must be at least 1")
     device = target.device
     num_victims = target.num_victims
-    evaluate = _Evaluator(target, config, labels)
+    evaluate = _Evaluator(target, config, labels, seeds)
     pixels = evaluate.pixels
     dim = pixels + (target.num_classes * target.images_per_victim if config.optimise_labels else 0)
     size = max(1, min(config.history, max_iterations - 1))  # no victim stores more pairs than that
@@ -485,7 +503,7 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
     groups = [list(range(start, min(start + group_size, num_victims))) for start in range(0, num_victims, group_size)]
     stochastic = _stochastic(target.net)
     if stochastic and seeds:
-        torch.manual_seed(int(seeds[0]))  # reproducible noise (each victim draws its own)
+        torch.manual_seed(int(seeds[0]))  # modules that still sample from the global stream (dropout)
 
     images, found, iterations, best_losses, evaluations = [], [], [], [], []
     reported = 0

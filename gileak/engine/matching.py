@@ -4,7 +4,9 @@ Each victim i has its own dummy image — a batch of M dummies when its client h
 (`Target.images_per_victim`), matched jointly — its own Adam state, learning rate, plateau
 schedule and stopping; per-victim simulated uploads come from `vmap` over `grad` of the
 client's simulation (`Target.simulate`: one gradient on the batch, or the unrolled local steps
-of fedavg), so victim i's trajectory depends only on its own seed and upload, batched or alone. Where the
+of fedavg), so victim i's trajectory depends only on its own seed and upload, batched or alone —
+the noise of a stochastic model too, drawn from the victim's own stream (`gileak.noise`), one
+sample per image. Where the
 model allows it (Conv2d / Linear stacks, with or without the variational bottlenecks), the
 factored fast path of `gileak.engine.fast` computes the same per-victim losses and image
 gradients from per-layer factors instead of vmap; `MatchingConfig.factored=False` or any other
@@ -20,6 +22,7 @@ from torch.func import grad_and_value, vmap
 
 from gileak.base import GradientTrace, Reconstruction
 from gileak.engine.schedule import PerVictimAdam, PlateauAndStop
+from gileak.noise import VictimStreams, predrawn, record_draws
 from gileak.threat import Target
 
 
@@ -60,6 +63,12 @@ def victim_labels(target: Target, labels: torch.Tensor) -> torch.Tensor:
 def as_images(target: Target, images: torch.Tensor) -> torch.Tensor:
     """Per-victim dummies (N, *victim_shape) listed image by image, (N·M, C, H, W)."""
     return images.reshape(-1, *target.input_shape)
+
+
+def image_rows(victims: list[int], per_victim: int) -> list[int]:
+    """The victim of each row of a batched forward of the victims' images, M rows each: the
+    rows a factored engine's forward hands `gileak.noise.VictimStreams.rows`."""
+    return [victim for victim in victims for _ in range(per_victim)]
 
 
 def minmax_scale(images: torch.Tensor) -> torch.Tensor:
@@ -211,8 +220,20 @@ def gradient_matching(
 
     trace_rows: list[torch.Tensor] = []
     step = grad_and_value(victim_loss, has_aux=True)
-    batched_step = vmap(step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
+    # Victim i's noise (stochastic modules in training mode) comes from its own stream: under
+    # vmap pre-drawn per victim and handed in, elsewhere drawn row by row (gileak.noise).
+    streams = VictimStreams(seeds, "attack")
+    everyone = list(range(num_victims))
     fast = factored_engine(target, config, victim_loss)
+    draws: list = []
+    if fast is None and config.vectorized:
+        draws = record_draws(step, images[0], labels[0], tuple(s[0] for s in shared))
+
+    def noisy_step(image, label, shared_gradient, noise):
+        with predrawn(noise, [kind for kind, _, _ in draws]):
+            return step(image, label, shared_gradient)
+
+    batched_step = vmap(noisy_step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
 
     for _ in range(max_iterations):
         if not bool(active.any()):
@@ -220,7 +241,8 @@ def gradient_matching(
         if fast is not None:
             # Stopped victims are left out of the work; their rows are ignored below.
             index = None if bool(active.all()) else active.nonzero().squeeze(1)
-            part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
+            with streams.rows(image_rows(everyone if index is None else index.tolist(), target.images_per_victim)):
+                part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
             if index is None:
                 image_grads, losses, cosines = part_grads, part_losses, part_cosines
             else:
@@ -231,13 +253,17 @@ def gradient_matching(
                     cosines = torch.full((num_victims, part_cosines.shape[1]), float("nan"),
                                          device=device).index_copy(0, index, part_cosines)
         elif config.vectorized:
-            image_grads, (losses, aux) = batched_step(images, labels, shared)
+            noise = streams.predraw(everyone, draws, device)
+            image_grads, (losses, aux) = batched_step(images, labels, shared, noise)
             cosines = aux[1] if config.trace else None
         else:
-            results = [
-                step(images[i], labels[i], tuple(s[i] for s in shared)) if active[i] else None
-                for i in range(num_victims)
-            ]
+            results = []
+            for i in range(num_victims):
+                if not active[i]:
+                    results.append(None)
+                    continue
+                with streams.victim(i):
+                    results.append(step(images[i], labels[i], tuple(s[i] for s in shared)))
             image_grads = torch.stack([r[0] if r is not None else torch.zeros_like(images[i]) for i, r in enumerate(results)])
             losses = torch.stack([r[1][0] if r is not None else torch.zeros((), device=device) for r in results])
             cosines = None
