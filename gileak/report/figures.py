@@ -9,8 +9,10 @@ import torch
 
 def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path,
                              columns: int = 16, min_side: int = 64) -> Path:
-    """Save a PNG: each band of up to `columns` victims shows originals on top and their
-    reconstructions under them; small images are upscaled (nearest) so one can see them."""
+    """Save a PNG: each band of up to `columns` images shows originals on top and their
+    reconstructions under them — for victims of several images, the reconstructions as the
+    runner paired them with the originals (`metrics.match_reconstructions`), listed victim by
+    victim; small images are upscaled (nearest) so one can see them."""
     import torch.nn.functional as F
     from PIL import Image
 

@@ -76,7 +76,7 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         notes.append("acc —: no federated training in this run (--rounds 0); accuracy not measured")
     if any(r.get("epsilon") is not None for r in rows):
         notes.append("ε: DP-SGD privacy spent in training at δ = 1e-5 (Opacus RDP accountant; the client that spent most)")
-    notes.append("ASR = share of victims reconstructed with SSIM >= 0.5; lower SSIM/ASR = better privacy")
+    notes.append("ASR = share of images reconstructed with SSIM >= 0.5; lower SSIM/ASR = better privacy")
     if any(r.get("label_accuracy") is not None for r in rows):
         notes.append("labels: share of each victim's labels the attack found itself (as multisets); in brackets, "
                      "what a guess without the gradient gets on the same labels (the batch spread evenly over the "
