@@ -59,11 +59,12 @@ class Plan:
         return len({(c.dataset.label, c.model.label, c.defense.label) for c in self.cells}) * len(self.spec.attacks)
 
 
-def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -> Resolved:
+def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None, profile: str | None = None) -> Resolved:
     """Instantiate a component. A dataset that takes a `root` parameter gets `data_root` (the
-    spec's or --data-root) unless its own parameters name one; the label stays as written."""
+    spec's or --data-root) unless its own parameters name one; under `profile`, the component's
+    `profile_params` for it fill what the reference leaves unset. The label stays as written."""
     cls = registry.get(kind, ref.name)
-    params = dict(ref.params)
+    params = {**cls.profile_params.get(profile or "", {}), **ref.params}
     takes_root = kind == "dataset" and "root" in cls.Params.model_fields
     if takes_root and data_root is not None and params.get("root") is None:
         params["root"] = str(data_root)
@@ -73,10 +74,10 @@ def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -
 def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
     """Resolve every name and validate every component's parameters before anything runs;
     with `check_data`, a dataset whose files are missing stops it here."""
-    datasets = [resolve("dataset", r, data_root=spec.data_root) for r in spec.datasets]
-    models = [resolve("model", r) for r in spec.models]
-    defenses = [resolve("defense", r) for r in spec.defenses]
-    attacks = [resolve("attack", r) for r in spec.attacks]
+    datasets = [resolve("dataset", r, data_root=spec.data_root, profile=spec.profile) for r in spec.datasets]
+    models = [resolve("model", r, profile=spec.profile) for r in spec.models]
+    defenses = [resolve("defense", r, profile=spec.profile) for r in spec.defenses]
+    attacks = [resolve("attack", r, profile=spec.profile) for r in spec.attacks]
     for dataset in datasets if check_data else ():  # missing files are the user's to fix: say so first
         dataset.component.info()
     cells = [
@@ -112,10 +113,10 @@ def build_net(model: Model, defense: Defense | None, input_shape, num_classes: i
 
 def model_summary(model: Model, defense: Defense, dataset: Dataset) -> dict[str, Any]:
     """Parameter counts and upload size of a (model, defense) on a dataset's declared shape —
-    no pixel is loaded."""
+    no pixel is loaded and the dataset's files need not be there."""
     from gileak.nets import count_trainable
 
-    info = dataset.info()
+    info = dataset.declared_info()
     input_shape = model.input_shape(info.shape)
     base = model.build(input_shape, info.num_classes)
     defended = build_net(model, defense, input_shape, info.num_classes, seed=0, device="cpu")

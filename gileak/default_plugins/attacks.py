@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gileak import Attack, hookimpl
 from gileak.errors import NotApplicableError
@@ -47,18 +47,34 @@ def _kept(target, ignore_stochastic: bool, attack: str) -> tuple[tuple[str, ...]
 LabelMode = Literal["known", "recover"]
 #: The paper's iteration cap (Section V-B); IG's patiences are given relative to it.
 PAPER_ITERATIONS = 20_000
+#: Learning-rate schedules of `ig` and `ignore` (docs/attack-strength.md compares them).
+Schedule = Literal["paper", "plateau", "step", "cosine"]
+#: The fixed patiences of schedule=plateau.
+FIXED_PLATEAU, FIXED_STOP = 100, 1000
 
 
 class _IGParams(Attack.Params):
+    schedule: Schedule = Field("paper", description="learning-rate schedule: paper (lr x0.1 after a plateau of 2% "
+                               "of the cap, stop after 20% without a better loss: the paper's 400 and 4,000 of "
+                               "20,000), plateau (the same rule with fixed patiences, 100 and 1,000), step "
+                               "(Inverting Gradients' own: lr x0.1 at 3/8, 5/8 and 7/8 of the cap) or cosine")
     lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
-    tv: float = Field(0.01, ge=0, description="weight of the total-variation prior")
+    tv: float = Field(0.01, ge=0, description="weight of the total-variation prior (paper: 0.01)")
     signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
-    plateau: int | None = Field(None, ge=1, description="iterations without improvement before lr x 0.1; "
-                                "none = the paper's 400 of 20,000 scaled to the iteration cap (2%, at least 10)")
+    plateau: int | None = Field(None, ge=1, description="schedule paper or plateau: iterations without improvement "
+                                "before lr x 0.1; none = 2% of the cap, at least 10 (paper) or 100 (plateau)")
     stop_patience: int | None = Field(None, ge=1, description="stop a victim after this many iterations without "
-                                      "improvement; none = the paper's 4,000 of 20,000 scaled (20%, at least 50)")
+                                      "improvement; none = 20% of the cap, at least 50 (paper), 1,000 (plateau), "
+                                      "never (step, cosine)")
     min_loss: float = Field(1e-5, ge=0, description="stop a victim once its loss is below this")
     labels: LabelMode = Field("known", description="known (threat model of V-B) or recover (iDLG)")
+
+    @model_validator(mode="after")
+    def _plateau_needs_a_plateau_schedule(self):
+        if self.plateau is not None and self.schedule not in ("paper", "plateau"):
+            raise ValueError(f"plateau={self.plateau} applies to schedule=paper or schedule=plateau; "
+                             f"schedule={self.schedule} sets the learning rate by the iteration's place in the cap")
+        return self
 
 
 class InvertingGradients(Attack):
@@ -70,18 +86,27 @@ class InvertingGradients(Attack):
     class Params(_IGParams):
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
 
+    #: `--profile paper` runs the paper's protocol (V-B) unless the user's reference says otherwise.
+    profile_params = {"paper": {"schedule": "paper"}}
     ignore_stochastic_always = False
 
     def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
-        """The paper's schedule (plateau 400, stop after 4,000 flat iterations, cap 20,000) keeps
-        its proportions when the cap is smaller, unless the patiences are given explicitly."""
+        """The engine's settings for a cap of `max_iterations`. schedule=paper is the paper's rule
+        (plateau 400, stop after 4,000 flat iterations, cap 20,000), its patiences keeping their
+        share of a smaller cap unless given explicitly."""
         from gileak.engine import MatchingConfig
 
         p = self.params
-        scale = max_iterations / PAPER_ITERATIONS
-        plateau = p.plateau or max(10, round(400 * scale))
-        stop = p.stop_patience or max(50, round(4000 * scale))
-        return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed,
+        kind, plateau, stop = "plateau", 400, 10**9
+        if p.schedule == "paper":
+            scale = max_iterations / PAPER_ITERATIONS
+            plateau = p.plateau or max(10, round(400 * scale))
+            stop = p.stop_patience or max(50, round(4000 * scale))
+        elif p.schedule == "plateau":
+            plateau, stop = p.plateau or FIXED_PLATEAU, p.stop_patience or FIXED_STOP
+        else:
+            kind, stop = p.schedule, p.stop_patience or stop
+        return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed, schedule=kind,
                               plateau_patience=plateau, stop_patience=stop, min_loss=p.min_loss,
                               keep=keep, trace=trace)
 
