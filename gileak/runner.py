@@ -159,6 +159,18 @@ class RunResult:
     notes: list[tuple[str, str]] = field(default_factory=list)
     traces: list[Path] = field(default_factory=list)
     out: Path | None = None
+    #: What each row aggregates, by (dataset, model, defense, attack) label.
+    sources: dict[tuple[str, str, str, str], RowSource] = field(default_factory=dict)
+
+
+@dataclass
+class RowSource:
+    """The canonical identities and seeds behind one leaderboard row: labels are what the user
+    wrote, these are what ran (`gileak leaderboard --paper` matches on them)."""
+
+    cells: set[str] = field(default_factory=set)  # cell ids without the seed
+    attacks: set[str] = field(default_factory=set)
+    seeds: set[int] = field(default_factory=set)
 
 
 def _victim_seed(seed: int, index: int) -> int:
@@ -548,10 +560,16 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     failures: list[tuple[str, str]] = []
     notes: list[tuple[str, str]] = []
     lpips_missing = False
+    sources: dict[tuple[str, str, str, str], RowSource] = {}
     for r in store.results(keys):
         key = (r.dataset, r.model, r.defense, r.attack_label)
         where = " | ".join(key)
         results.setdefault(key, [])
+        source = sources.setdefault(key, RowSource())
+        source.cells.add(r.cell.rsplit(" | seed=", 1)[0])
+        source.attacks.add(r.attack)
+        if r.status == "ok":
+            source.seeds.add(r.seed)
         cell_where = f"{r.dataset} | {r.model} | {r.defense} | seed {r.seed}"
         for note in r.cell_notes:
             if (cell_where, note) not in notes:
@@ -577,7 +595,8 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     rows = _rows(results, failures, lpips_reason)
     real_failures = [(w, r) for w, r in failures if not r.startswith(NOT_APPLICABLE)]
     notes += [(w, r) for w, r in failures if r.startswith(NOT_APPLICABLE)]
-    return RunResult(rows, real_failures, lpips_reason, out=out, notes=notes, traces=list(traces or []))
+    return RunResult(rows, real_failures, lpips_reason, out=out, notes=notes, traces=list(traces or []),
+                     sources=sources)
 
 
 def _rows(results, failures, lpips_reason) -> list[dict[str, Any]]:

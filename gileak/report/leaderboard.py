@@ -18,26 +18,62 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(value)
 
 
+def _published(value: Any, difference: float | None, fmt: str) -> str:
+    """'0.87 ± 0.11 (Δ −0.05)': a published figure and this run's difference from it."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        text = fmt.format(value[0]) + ("" if value[1] is None else " ± " + fmt.format(value[1]))
+    else:
+        text = fmt.format(value)
+    if difference is not None:
+        text += f" (Δ {fmt.format(difference).replace('-', '−')})" if difference < 0 else \
+            f" (Δ +{fmt.format(difference)})"
+    return text
+
+
+def _paper_cells(comparison) -> list[str]:
+    if comparison is None or not comparison.values:
+        return ["", "", "", "attack differs" if comparison is not None and comparison.attack_differs else ""]
+    values, differences = comparison.values, comparison.differences
+    where = ",".join(comparison.tables)
+    if comparison.smaller_budget:
+        where += " [yellow]*[/]"
+    if comparison.stand_in:
+        where += " [yellow]†[/]"
+    return [_published(values.get("ssim"), differences.get("ssim"), "{:.2f}"),
+            _published(values.get("asr"), differences.get("asr"), "{:.1f}"),
+            _published(values.get("accuracy"), differences.get("accuracy"), "{:.1f}"), where]
+
+
 def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = None,
-                       title: str = "gileak leaderboard") -> Table:
-    """Print the leaderboard; failed cells stay in it with their reason. Returns the table."""
+                       title: str = "gileak leaderboard", comparisons: list | None = None,
+                       extra_notes: list[str] | None = None) -> Table:
+    """Print the leaderboard; failed cells stay in it with their reason. With `comparisons`
+    (gileak.paper.compare, one per row), the published figures and the differences sit beside
+    each matching row. Returns the table."""
     console = console or Console()
     table = Table(title=title, title_style="bold", show_lines=False)
-    for header, justify in (
+    headers = [
         ("dataset", "left"), ("model", "left"), ("defense", "left"), ("attack", "left"),
         ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
         ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"), ("time s", "right"),
-    ):
+    ]
+    if comparisons is not None:
+        headers += [("paper SSIM (Δ)", "right"), ("paper ASR % (Δ)", "right"), ("paper acc % (Δ)", "right"),
+                    ("paper table", "left")]
+    for header, justify in headers:
         table.add_column(header, justify=justify, overflow="fold")
     has_accuracy = any(r.get("accuracy_mean") is not None for r in rows)
-    for row in rows:
+    for index, row in enumerate(rows):
         names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")]
+        paper = _paper_cells(comparisons[index]) if comparisons is not None else []
         if row.get("status") == "failed":
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
-            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 8)
+            table.add_row(*names, f"[red]failed: {escape(reason)}[/]", *[""] * 8, *paper)
             continue
         if row.get("status") == "not applicable":
-            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 8)
+            table.add_row(*names, "[yellow]not applicable[/] (see note)", *[""] * 8, *paper)
             continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
@@ -49,7 +85,7 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         table.add_row(
             *names, ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
             _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), accuracy, params,
-            str(row.get("victims", "—")), _num(row.get("seconds"), "{:.1f}"),
+            str(row.get("victims", "—")), _num(row.get("seconds"), "{:.1f}"), *paper,
         )
     notes = []
     lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
@@ -63,6 +99,7 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     partial = [r for r in rows if r.get("status") == "partial"]
     notes += [f"partial: {' | '.join(str(r[k]) for k in ('dataset', 'model', 'defense', 'attack'))}: "
               f"{escape(str(r.get('error')))}" for r in partial]
+    notes += [escape(note) for note in extra_notes or []]
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     console.print(table)
