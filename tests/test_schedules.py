@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gileak.default_plugins.attacks import InvertingGradients
+from gileak.default_plugins.attacks import PAPER_PROTOCOL, InvertingGradients
 from gileak.engine import MatchingConfig, gradient_matching
 from gileak.engine.schedule import BudgetDecayAndStop, budget_factor
 from gileak.errors import ParamsError
@@ -73,9 +73,12 @@ def test_budget_schedules_keep_each_victim_independent_of_the_batch(schedule):
 
 
 def test_ig_schedules_configure_the_engine():
-    paper = InvertingGradients(schedule="paper")
+    default = InvertingGradients().config(max_iterations=1000)
+    assert (default.schedule, default.lr, default.tv_weight) == ("cosine", 0.1, 0.05)  # docs/attack-strength.md
+    paper = InvertingGradients(**PAPER_PROTOCOL)
     at_cap = paper.config(max_iterations=20_000)
-    assert (at_cap.schedule, at_cap.lr, at_cap.plateau_patience, at_cap.stop_patience) == ("plateau", 1.0, 400, 4000)
+    assert (at_cap.schedule, at_cap.lr, at_cap.tv_weight, at_cap.plateau_patience, at_cap.stop_patience) == \
+        ("plateau", 1.0, 0.01, 400, 4000)
     scaled = paper.config(max_iterations=1000)
     assert (scaled.plateau_patience, scaled.stop_patience) == (20, 200)
     fixed = InvertingGradients(schedule="plateau").config(max_iterations=1000)

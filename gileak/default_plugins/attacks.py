@@ -51,15 +51,19 @@ PAPER_ITERATIONS = 20_000
 Schedule = Literal["paper", "plateau", "step", "cosine"]
 #: The fixed patiences of schedule=plateau.
 FIXED_PLATEAU, FIXED_STOP = 100, 1000
+#: The paper's protocol (V-B), which `--profile paper` selects: the defaults below are the
+#: strongest at every cap under the paper's 20,000 (docs/attack-strength.md).
+PAPER_PROTOCOL = {"schedule": "paper", "lr": 1.0, "tv": 0.01}
 
 
 class _IGParams(Attack.Params):
-    schedule: Schedule = Field("paper", description="learning-rate schedule: paper (lr x0.1 after a plateau of 2% "
-                               "of the cap, stop after 20% without a better loss: the paper's 400 and 4,000 of "
-                               "20,000), plateau (the same rule with fixed patiences, 100 and 1,000), step "
-                               "(Inverting Gradients' own: lr x0.1 at 3/8, 5/8 and 7/8 of the cap) or cosine")
-    lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
-    tv: float = Field(0.01, ge=0, description="weight of the total-variation prior (paper: 0.01)")
+    schedule: Schedule = Field("cosine", description="learning-rate schedule: cosine (decay to 0 over the cap; the "
+                               "strongest at small caps), paper (lr x0.1 after a plateau of 2% of the cap, stop "
+                               "after 20% without a better loss: the paper's 400 and 4,000 of 20,000; --profile "
+                               "paper's), plateau (the same rule with fixed patiences, 100 and 1,000) or step "
+                               "(Inverting Gradients' own: lr x0.1 at 3/8, 5/8 and 7/8 of the cap)")
+    lr: float = Field(0.1, gt=0, description="Adam's initial learning rate (paper: 1, --profile paper's)")
+    tv: float = Field(0.05, ge=0, description="weight of the total-variation prior (paper: 0.01, --profile paper's)")
     signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
     plateau: int | None = Field(None, ge=1, description="schedule paper or plateau: iterations without improvement "
                                 "before lr x 0.1; none = 2% of the cap, at least 10 (paper) or 100 (plateau)")
@@ -78,16 +82,17 @@ class _IGParams(Attack.Params):
 
 
 class InvertingGradients(Attack):
-    """Cosine distance + total-variation prior, Adam with a plateau schedule."""
+    """Cosine distance + total-variation prior, signed Adam with a per-victim learning-rate schedule."""
 
     name = "ig"
-    description = "Inverting Gradients: cosine distance + TV prior, signed Adam, plateau schedule (paper V-B)."
+    description = ("Inverting Gradients: cosine distance + TV prior, signed Adam; cosine lr schedule "
+                   "(--profile paper: the paper's plateau schedule, V-B).")
 
     class Params(_IGParams):
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
 
     #: `--profile paper` runs the paper's protocol (V-B) unless the user's reference says otherwise.
-    profile_params = {"paper": {"schedule": "paper"}}
+    profile_params = {"paper": PAPER_PROTOCOL}
     ignore_stochastic_always = False
 
     def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
@@ -109,6 +114,19 @@ class InvertingGradients(Attack):
         return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed, schedule=kind,
                               plateau_patience=plateau, stop_patience=stop, min_loss=p.min_loss,
                               keep=keep, trace=trace)
+
+    def schedule_text(self, max_iterations: int) -> str:
+        """The schedule at a cap, in words (for --dry-run)."""
+        config = self.config(max_iterations=max_iterations)
+        stop = "" if config.stop_patience >= max_iterations else \
+            f", stop after {config.stop_patience:,} iterations without a better loss"
+        if config.schedule == "plateau":
+            how = f"x0.1 after {config.plateau_patience:,} iterations without a better loss"
+        elif config.schedule == "step":
+            how = "x0.1 at iterations " + ", ".join(f"{int(max_iterations // d):,}" for d in (2.667, 1.6, 1.142))
+        else:
+            how = "cosine-decayed to 0 over the cap"
+        return f"schedule={self.params.schedule}: Adam lr {config.lr:g} {how}{stop}; TV {config.tv_weight:g}"
 
     def attack(self, target, *, seeds, max_iterations, progress=None):
         from gileak.engine import gradient_matching
