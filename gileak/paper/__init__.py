@@ -177,7 +177,9 @@ def compare(rows: list[dict[str, Any]], sources: dict, budget: dict[str, Any],
                 if metric in PRIVACY and entry not in same_attack:
                     continue
                 comparison.values.setdefault(metric, value)
-                published.setdefault(metric, {}).setdefault(_plain(value), []).append(entry.table)
+                tables = published.setdefault(metric, {}).setdefault(_plain(value), [])
+                if entry.table not in tables:
+                    tables.append(entry.table)
             if entry.table not in comparison.tables:
                 comparison.tables.append(entry.table)
             if entry.note and f"{_where(row)}: {entry.note}" not in comparison.notes:
