@@ -149,7 +149,7 @@ FULL = {"victims": 128, "iterations": 20000, "rounds": 300, "patience": 40, "att
 def test_rows_match_by_identity_not_by_label():
     rows = [_row("my protected model", "targeted", ssim_mean=0.25, asr=0.0, accuracy_mean=0.6),
             _row("cvb", "ignore", ssim_mean=0.3),  # labelled cvb, but k_E = 3 on CIFAR-10: never published
-            _row("none", "ig", ssim_mean=0.9, asr=100.0, accuracy_mean=0.625)]
+            _row("none", "ig", ssim_mean=0.9, asr=100.0, accuracy_mean=0.625, params=65962)]
     sources = {("d", "m", "my protected model", "targeted"): _source("cifar10", "cnn", "cvb", "ignore"),
                ("d", "m", "cvb", "ignore"): _source("mnist", "cnn", "cvb(kernel=3)", "ignore"),
                ("d", "m", "none", "ig"): _source("cifar10", "cnn", "none", "ig")}
@@ -162,7 +162,7 @@ def test_rows_match_by_identity_not_by_label():
     assert first.tables[:3] == ["III", "IV", "V"]
     assert second is None
     assert third.values["ssim"] == [0.87, 0.11] and third.values["params"] == [65962, 0.0]  # Table II's count
-    assert third.differences["asr"] == pytest.approx(100 - 96.88)
+    assert third.differences["asr"] == pytest.approx(100 - 96.88) and third.differences["params"] == 0
 
 
 def test_another_attack_configuration_compares_accuracy_only_and_says_so():

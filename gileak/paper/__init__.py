@@ -22,7 +22,7 @@ TABLE_ORDER = ("II", "III", "IV", "V", "VI", "VII", "VIII", "I", "IX", "X", "XI"
 #: Leaderboard metric each published one is compared with, and the scale that brings ours to the
 #: paper's unit (accuracy: a fraction here, % there).
 OURS = {"ssim": ("ssim_mean", 1.0), "asr": ("asr", 1.0), "psnr": ("psnr_mean", 1.0), "mse": ("mse_mean", 1.0),
-        "lpips": ("lpips_mean", 1.0), "accuracy": ("accuracy_mean", 100.0)}
+        "lpips": ("lpips_mean", 1.0), "accuracy": ("accuracy_mean", 100.0), "params": ("params", 1)}
 
 
 @dataclass(frozen=True)
@@ -195,10 +195,10 @@ def compare(rows: list[dict[str, Any]], sources: dict, budget: dict[str, Any],
                 continue
             key, scale = OURS[metric]
             ours = row.get(key)
-            published = value[0] if isinstance(value, list) else value
-            if ours is None or published is None or (isinstance(ours, float) and not math.isfinite(ours)):
+            paper_value = value[0] if isinstance(value, list) else value
+            if ours is None or paper_value is None or (isinstance(ours, float) and not math.isfinite(ours)):
                 continue
-            comparison.differences[metric] = ours * scale - published
+            comparison.differences[metric] = ours * scale - paper_value
         comparison.smaller_budget = _budget_shortfall(budget, len(source.seeds))
         out.append(comparison)
     return out
@@ -217,7 +217,8 @@ def _plain(value: Any) -> str:
 #: Export columns `--paper` adds (published values in the paper's units: %, dB).
 COLUMNS = ("paper_ssim_mean", "paper_ssim_std", "delta_ssim", "paper_asr", "delta_asr", "paper_psnr_mean",
            "delta_psnr", "paper_mse_mean", "delta_mse", "paper_lpips_mean", "delta_lpips", "paper_accuracy_mean",
-           "paper_accuracy_std", "delta_accuracy", "paper_params", "paper_tables", "paper_budget", "paper_stand_in")
+           "paper_accuracy_std", "delta_accuracy", "paper_params", "delta_params", "paper_tables", "paper_budget",
+           "paper_stand_in")
 
 
 def annotate(rows: list[dict[str, Any]], comparisons: list[Comparison | None]) -> list[dict[str, Any]]:
