@@ -189,6 +189,8 @@ def test_smaller_budgets_stand_ins_and_mixed_rows():
     assert comparison.stand_in == "photos for the paper's cifar10"
     assert comparison.smaller_budget == ["victims 8 of 128", "iterations 1,000 of 20,000", "rounds 10 of 300",
                                          "seeds 1 of 3"]
+    assert paper.compare(rows[:1], sources, {}, stand_ins)[0].smaller_budget == [
+        "budget unknown: the run directory records none"]
     lines = "\n".join(paper.caption([comparison, None]))
     assert "smaller budget" in lines and "not a replication" in lines and "stand-in data" in lines
 

@@ -123,6 +123,8 @@ class Comparison:
 
 def _budget_shortfall(budget: dict[str, Any], seeds: int) -> list[str]:
     paper = protocol()
+    if not budget:
+        return ["budget unknown: the run directory records none"]
     short = []
     for key in ("victims", "iterations", "rounds"):
         ours = budget.get(key)
