@@ -60,6 +60,10 @@ class Component:
     kind: ClassVar[str] = "component"
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: Parameter values a `--profile` gives this component where the user's reference does not
+    #: set them, e.g. {"paper": {"schedule": "paper"}}: the profile's protocol rather than the
+    #: everyday default. They are part of the component's identity like any parameter.
+    profile_params: ClassVar[dict[str, dict[str, Any]]] = {}
 
     class Params(BaseModel):
         # A NaN or infinite parameter never means what the user wanted (dp(sigma=inf) would hang
@@ -131,6 +135,12 @@ class Dataset(Component):
 
     def info(self) -> DatasetInfo:
         raise NotImplementedError
+
+    def declared_info(self) -> DatasetInfo:
+        """Shape and classes as the dataset declares them, whether or not its files are on disk
+        (`gileak inspect`, cost estimates). Default: `info()`; a dataset whose `info()` checks
+        files overrides this."""
+        return self.info()
 
     def load(self, seed: int = 0) -> Splits:
         """Return train and test splits, pixels in [0, 1], at the dataset's native size."""

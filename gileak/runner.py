@@ -91,11 +91,12 @@ class Plan:
         return groups * len(self.spec.attacks) * len(self.spec.clients)
 
 
-def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None) -> Resolved:
+def resolve(kind: str, ref: ComponentRef, data_root: Path | str | None = None, profile: str | None = None) -> Resolved:
     """Instantiate a component. A dataset that takes a `root` parameter gets `data_root` (the
-    spec's or --data-root) unless its own parameters name one; the label stays as written."""
+    spec's or --data-root) unless its own parameters name one; under `profile`, the component's
+    `profile_params` for it fill what the reference leaves unset. The label stays as written."""
     cls = registry.get(kind, ref.name)
-    params = dict(ref.params)
+    params = {**cls.profile_params.get(profile or "", {}), **ref.params}
     takes_root = kind == "dataset" and "root" in cls.Params.model_fields
     if takes_root and data_root is not None and params.get("root") is None:
         params["root"] = str(data_root)
@@ -114,11 +115,11 @@ def plan(spec: BenchSpec, check_data: bool = True) -> Plan:
     training run without enough images, a slot position or input size a model does not have,
     a model too large for this machine. With `check_data`, a dataset whose files are missing
     stops it here; without, datasets not on disk are checked as far as they declare themselves."""
-    datasets = [resolve("dataset", r, data_root=spec.data_root) for r in spec.datasets]
-    models = [resolve("model", r) for r in spec.models]
-    defenses = [resolve("defense", r) for r in spec.defenses]
-    attacks = [resolve("attack", r) for r in spec.attacks]
-    clients = [resolve("client", r) for r in spec.clients]
+    datasets = [resolve("dataset", r, data_root=spec.data_root, profile=spec.profile) for r in spec.datasets]
+    models = [resolve("model", r, profile=spec.profile) for r in spec.models]
+    defenses = [resolve("defense", r, profile=spec.profile) for r in spec.defenses]
+    attacks = [resolve("attack", r, profile=spec.profile) for r in spec.attacks]
+    clients = [resolve("client", r, profile=spec.profile) for r in spec.clients]
     results = len(datasets) * len(models) * len(defenses) * spec.seeds * len(attacks) * len(clients)
     if results > MAX_RESULTS:
         raise UserInputError(f"This matrix asks for {results:,} results ({len(datasets)} dataset(s) x {len(models)} "
@@ -346,10 +347,10 @@ def build_net(model: Model, defense: Defense | None, input_shape, num_classes: i
 
 def model_summary(model: Model, defense: Defense, dataset: Dataset) -> dict[str, Any]:
     """Parameter counts and upload size of a (model, defense) on a dataset's declared shape —
-    no pixel is loaded."""
+    no pixel is loaded and the dataset's files need not be there."""
     from gileak.nets import count_trainable
 
-    info = dataset.info()
+    info = dataset.declared_info()
     if info.num_classes < 2:
         raise UserInputError(f"{dataset.name} has {info.num_classes} class(es): a classifier needs at least two.")
     check_buildable(model, defense, info, where=f"{dataset.name} | {model.name} | {defense.name}")
@@ -398,6 +399,18 @@ class RunResult:
     notes: list[tuple[str, str]] = field(default_factory=list)
     traces: list[Path] = field(default_factory=list)
     out: Path | None = None
+    #: What each row aggregates, by (dataset, model, defense, client, attack) label.
+    sources: dict[tuple[str, str, str, str, str], RowSource] = field(default_factory=dict)
+
+
+@dataclass
+class RowSource:
+    """The canonical identities and seeds behind one leaderboard row: labels are what the user
+    wrote, these are what ran (`gileak leaderboard --paper` matches on them)."""
+
+    cells: set[str] = field(default_factory=set)  # cell ids without the seed
+    attacks: set[str] = field(default_factory=set)
+    seeds: set[int] = field(default_factory=set)
 
 
 def _victim_seed(seed: int, index: int) -> int:
@@ -1062,10 +1075,16 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     failures: list[tuple[str, str]] = []
     notes: list[tuple[str, str]] = []
     lpips_missing = False
+    sources: dict[tuple[str, str, str, str, str], RowSource] = {}
     for r in _set_apart(store.results(keys), notes):
         key = (r.dataset, r.model, r.defense, r.client, r.attack_label)
         where = " | ".join(key)
         results.setdefault(key, [])
+        source = sources.setdefault(key, RowSource())
+        source.cells.add(r.cell.rsplit(" | seed=", 1)[0])
+        source.attacks.add(r.attack)
+        if r.status == "ok":
+            source.seeds.add(r.seed)
         cell_where = f"{r.dataset} | {r.model} | {r.defense} | seed {r.seed}"
         for note in r.cell_notes:
             if (cell_where, note) not in notes:
@@ -1096,7 +1115,8 @@ def build_result(store, keys: set[tuple[str, str]] | None, out: Path | None, tra
     rows = _rows(results, failures, lpips_reason)
     real_failures = [(w, r) for w, r in failures if not r.startswith(NOT_APPLICABLE)]
     notes += [(w, r) for w, r in failures if r.startswith(NOT_APPLICABLE)]
-    return RunResult(rows, real_failures, lpips_reason, out=out, notes=notes, traces=list(traces or []))
+    return RunResult(rows, real_failures, lpips_reason, out=out, notes=notes, traces=list(traces or []),
+                     sources=sources)
 
 
 def _set_apart(results: list, notes: list[tuple[str, str]]) -> list:

@@ -212,9 +212,9 @@ class BenchSpec(BaseModel):
 
 
 #: Budgets of `--profile`. quick is BenchSpec's defaults (a laptop CPU); paper is the paper's
-#: protocol: 128 victims, a 20,000-iteration cap (the attacks' plateau and stopping rules scale
-#: with it: lr x0.1 after 400 iterations without improvement, stop after 4,000), 300 rounds of
-#: FedAvg with early stopping after 40 rounds without a better validation loss, 3 seeds.
+#: protocol: 128 victims, a 20,000-iteration cap, 300 rounds of FedAvg with early stopping after
+#: 40 rounds without a better validation loss, 3 seeds. A component's own protocol settings for a
+#: profile are its `profile_params` (ig/ignore: the paper's schedule, lr 1, TV 0.01).
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {},
     "paper": {"victims": 128, "iterations": 20_000, "rounds": 300, "patience": 40, "seeds": 3},

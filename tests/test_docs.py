@@ -338,9 +338,8 @@ def _reproduction_commands(text: str | None = None) -> list[list[str]]:
     return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("gileak ")]
 
 
-def test_every_reproduction_command_parses_and_plans_without_data():
-    """Each `gileak bench` line of docs/reproducing.md is a valid command whose matrix plans
-    (names, parameters, grids, budgets) — without running it or needing the datasets."""
+def _planned_reproductions():
+    """(argv, plan) of each `gileak bench` line of docs/reproducing.md."""
     import typer.main
 
     from gileak.cli import app
@@ -348,17 +347,35 @@ def test_every_reproduction_command_parses_and_plans_without_data():
     from gileak.spec import build_spec
 
     group = typer.main.get_command(app)
-    commands = _reproduction_commands()
-    benches = [c for c in commands if c[1] == "bench"]
-    assert len(benches) >= 9
     not_spec = {"dry_run", "executor", "ray_address", "workers"}
-    for argv in benches:
+    planned = []
+    for argv in (c for c in _reproduction_commands() if c[1] == "bench"):
         context = group.commands["bench"].make_context("bench", argv[2:])
         params = {k: v for k, v in context.params.items() if k not in not_spec}
         params["exports"] = params.pop("export") or None
         spec = build_spec(params.pop("spec"), **params)
+        planned.append((argv, spec, plan(spec, check_data=False)))
+    return planned
+
+
+def test_every_reproduction_command_parses_and_plans_without_data():
+    """Each `gileak bench` line of docs/reproducing.md is a valid command whose matrix plans
+    (names, parameters, grids, budgets) — without running it or needing the datasets — and
+    computes each point once."""
+    import typer.main
+
+    from gileak.cli import app
+    from gileak.runner import cell_id
+
+    group = typer.main.get_command(app)
+    commands = _reproduction_commands()
+    planned = _planned_reproductions()
+    assert len(planned) >= 16
+    for argv, spec, found in planned:
         assert spec.profile == "paper", argv
-        assert plan(spec, check_data=False).cells, argv
+        assert found.cells, argv
+        ids = [cell_id(cell) for cell in found.cells]
+        assert len(ids) == len(set(ids)), f"{argv} plans one cell twice under two labels"
     for argv in commands:
         assert argv[1] in {"bench", "leaderboard", "inspect", "data"}, argv
         context = group.commands[argv[1]]
@@ -394,3 +411,23 @@ def test_table_i_commands_exclude_layers_the_defended_models_have():
             misspelt = [a.replace(".body.0.decoder", ".body.0.decodr") for a in argv]
             with pytest.raises(ParamsError, match="did you mean"):
                 planned(misspelt)
+
+
+def test_every_published_row_has_a_planned_twin_in_reproducing_md():
+    """Every cell (and attack) of the paper's Tables I-XII that gileak transcribed is planned,
+    with the same canonical identity, by some command of docs/reproducing.md."""
+    from gileak import paper
+    from gileak.runner import attack_id, cell_id
+
+    planned_cells, planned = set(), set()
+    for _, _, found in _planned_reproductions():
+        for cell in found.cells:
+            cid = cell_id(cell).rsplit(" | seed=", 1)[0]
+            planned_cells.add(cid)
+            planned.update((cid, attack_id(attack)) for attack in cell.attacks)
+    missing = []
+    for entry, cell, attack in paper._indexed():
+        cid = " | ".join(cell)
+        if (cid not in planned_cells) if attack is None else ((cid, attack) not in planned):
+            missing.append(f"Table {entry.table} {entry.row}: {entry.dataset} {entry.model} {entry.defense} {entry.attack}")
+    assert not missing, "\n".join(missing)

@@ -576,7 +576,7 @@ def test_two_spellings_of_one_component_are_one_cell(tmp_path, monkeypatch):
     _images(tmp_path / "imgs", 0)
     monkeypatch.chdir(tmp_path)
     spec = build_spec(None, datasets=f"folder(path=imgs),folder(path=./imgs),folder(path={tmp_path / 'imgs'})",
-                      defenses="cvb,cvb(kernel=5),gc(ratio=0.5),gc(ratio=.5)", attacks="ig,ignore,ig(lr=1.0)", victims=1)
+                      defenses="cvb,cvb(kernel=5),gc(ratio=0.5),gc(ratio=.5)", attacks="ig,ignore,ig(signed=true)", victims=1)
     the_plan = plan(spec)
     assert [(c.dataset.label, c.defense.label) for c in the_plan.cells] == \
         [("folder(path=imgs)", "cvb"), ("folder(path=imgs)", "gc(ratio=0.5)")]
@@ -584,7 +584,7 @@ def test_two_spellings_of_one_component_are_one_cell(tmp_path, monkeypatch):
     assert the_plan.same == [("dataset", "folder(path=./imgs)", "folder(path=imgs)"),
                              ("dataset", f"folder(path={tmp_path / 'imgs'})", "folder(path=imgs)"),
                              ("defense", "cvb(kernel=5)", "cvb"), ("defense", "gc(ratio=.5)", "gc(ratio=0.5)"),
-                             ("attack", "ig(lr=1.0)", "ig")]
+                             ("attack", "ig(signed=true)", "ig")]
     assert [r.label for r in the_plan.spec.defenses] == ["cvb", "gc(ratio=0.5)"]  # what workers plan again
 
 

@@ -201,9 +201,10 @@ def _dry_run(bench_spec, console: Console) -> None:
                   f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}; "
                   f"clients {', '.join(r.label for r in s.clients)}")
     _say_same(the_plan, console)
-    console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each "
-                  f"(ig/ignore: lr x0.1 after {max(1, round(0.02 * s.iterations)):,} iterations without a better "
-                  f"loss, stop after {max(1, round(0.2 * s.iterations)):,})")
+    console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each", highlight=False)
+    for attack in the_plan.cells[0].attacks if the_plan.cells else ():
+        if hasattr(attack.component, "schedule_text"):
+            console.print(f"    {attack.label}: {attack.component.schedule_text(s.iterations)}", highlight=False)
     training = (f"{s.rounds} FedAvg round(s), 10 clients, 1 local epoch, batch 64, early stopping after "
                 f"{s.patience} round(s) without a better validation loss" if s.rounds else "none (the "
                 "freshly initialised model is attacked)")

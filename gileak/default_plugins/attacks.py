@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from gileak import Attack, hookimpl
 from gileak.errors import NotApplicableError, ParamsError
@@ -136,31 +136,54 @@ def _check_subsets(attack: str, build, input_shape, ignore_stochastic: bool, exc
 LabelMode = Literal["known", "recover"]
 #: The paper's iteration cap (Section V-B); IG's patiences are given relative to it.
 PAPER_ITERATIONS = 20_000
+#: Learning-rate schedules of `ig` and `ignore` (docs/attack-strength.md compares them).
+Schedule = Literal["paper", "plateau", "step", "cosine"]
+#: The fixed patiences of schedule=plateau.
+FIXED_PLATEAU, FIXED_STOP = 100, 1000
+#: The paper's protocol (V-B), which `--profile paper` selects: the defaults below are the
+#: strongest at every cap under the paper's 20,000 (docs/attack-strength.md).
+PAPER_PROTOCOL = {"schedule": "paper", "lr": 1.0, "tv": 0.01}
 
 
 class _IGParams(Attack.Params):
-    lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
-    tv: float = Field(0.01, ge=0, description="weight of the total-variation prior")
+    schedule: Schedule = Field("cosine", description="learning-rate schedule: cosine (decay to 0 over the cap; the "
+                               "strongest at small caps), paper (lr x0.1 after a plateau of 2% of the cap, stop "
+                               "after 20% without a better loss: the paper's 400 and 4,000 of 20,000; --profile "
+                               "paper's), plateau (the same rule with fixed patiences, 100 and 1,000) or step "
+                               "(Inverting Gradients' own: lr x0.1 at 3/8, 5/8 and 7/8 of the cap)")
+    lr: float = Field(0.1, gt=0, description="Adam's initial learning rate (paper: 1, --profile paper's)")
+    tv: float = Field(0.05, ge=0, description="weight of the total-variation prior (paper: 0.01, --profile paper's)")
     signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
-    plateau: int | None = Field(None, ge=1, description="iterations without improvement before lr x 0.1; "
-                                "none = the paper's 400 of 20,000 scaled to the iteration cap (2%, at least 10)")
+    plateau: int | None = Field(None, ge=1, description="schedule paper or plateau: iterations without improvement "
+                                "before lr x 0.1; none = 2% of the cap, at least 10 (paper) or 100 (plateau)")
     stop_patience: int | None = Field(None, ge=1, description="stop a victim after this many iterations without "
-                                      "improvement; none = the paper's 4,000 of 20,000 scaled (20%, at least 50)")
+                                      "improvement; none = 20% of the cap, at least 50 (paper), 1,000 (plateau), "
+                                      "never (step, cosine)")
     min_loss: float = Field(1e-5, ge=0, description="stop a victim once its loss is below this")
     labels: LabelMode = Field("known", description="known (threat model of V-B) or recover (iDLG)")
 
+    @model_validator(mode="after")
+    def _plateau_needs_a_plateau_schedule(self):
+        if self.plateau is not None and self.schedule not in ("paper", "plateau"):
+            raise ValueError(f"plateau={self.plateau} applies to schedule=paper or schedule=plateau; "
+                             f"schedule={self.schedule} sets the learning rate by the iteration's place in the cap")
+        return self
+
 
 class InvertingGradients(Attack):
-    """Cosine distance + total-variation prior, Adam with a plateau schedule."""
+    """Cosine distance + total-variation prior, signed Adam with a per-victim learning-rate schedule."""
 
     name = "ig"
-    description = "Inverting Gradients: cosine distance + TV prior, signed Adam, plateau schedule (paper V-B)."
+    description = ("Inverting Gradients: cosine distance + TV prior, signed Adam; cosine lr schedule "
+                   "(--profile paper: the paper's plateau schedule, V-B).")
     handles_clients = True
 
     class Params(_IGParams):
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
         exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
+    #: `--profile paper` runs the paper's protocol (V-B) unless the user's reference says otherwise.
+    profile_params = {"paper": PAPER_PROTOCOL}
     ignore_stochastic_always = False
 
     def _ignores(self) -> bool:
@@ -170,17 +193,37 @@ class InvertingGradients(Attack):
         _check_subsets(self.name, build, input_shape, self._ignores(), self.params.exclude)
 
     def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
-        """The paper's schedule (plateau 400, stop after 4,000 flat iterations, cap 20,000) keeps
-        its proportions when the cap is smaller, unless the patiences are given explicitly."""
+        """The engine's settings for a cap of `max_iterations`. schedule=paper is the paper's rule
+        (plateau 400, stop after 4,000 flat iterations, cap 20,000), its patiences keeping their
+        share of a smaller cap unless given explicitly."""
         from gileak.engine import MatchingConfig
 
         p = self.params
-        scale = max_iterations / PAPER_ITERATIONS
-        plateau = p.plateau or max(10, round(400 * scale))
-        stop = p.stop_patience or max(50, round(4000 * scale))
-        return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed,
+        kind, plateau, stop = "plateau", 400, 10**9
+        if p.schedule == "paper":
+            scale = max_iterations / PAPER_ITERATIONS
+            plateau = p.plateau or max(10, round(400 * scale))
+            stop = p.stop_patience or max(50, round(4000 * scale))
+        elif p.schedule == "plateau":
+            plateau, stop = p.plateau or FIXED_PLATEAU, p.stop_patience or FIXED_STOP
+        else:
+            kind, stop = p.schedule, p.stop_patience or stop
+        return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed, schedule=kind,
                               plateau_patience=plateau, stop_patience=stop, min_loss=p.min_loss,
                               keep=keep, trace=trace)
+
+    def schedule_text(self, max_iterations: int) -> str:
+        """The schedule at a cap, in words (for --dry-run)."""
+        config = self.config(max_iterations=max_iterations)
+        stop = "" if config.stop_patience >= max_iterations else \
+            f", stop after {config.stop_patience:,} iterations without a better loss"
+        if config.schedule == "plateau":
+            how = f"x0.1 after {config.plateau_patience:,} iterations without a better loss"
+        elif config.schedule == "step":
+            how = "x0.1 at iterations " + ", ".join(f"{int(max_iterations // d):,}" for d in (2.667, 1.6, 1.142))
+        else:
+            how = "cosine-decayed to 0 over the cap"
+        return f"schedule={self.params.schedule}: Adam lr {config.lr:g} {how}{stop}; TV {config.tv_weight:g}"
 
     def attack(self, target, *, seeds, max_iterations, progress=None):
         from gileak.engine import gradient_matching

@@ -21,7 +21,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from gileak.base import GradientTrace, Reconstruction
-from gileak.engine.schedule import PerVictimAdam, PlateauAndStop
+from gileak.engine.schedule import PerVictimAdam, make_schedule
 from gileak.noise import VictimStreams, predrawn, record_draws
 from gileak.threat import Target
 
@@ -34,6 +34,9 @@ class MatchingConfig:
     tv_weight: float = 0.01
     lr: float = 1.0
     signed: bool = True  # Adam on the sign of the image gradient, as the authors' code does
+    #: "plateau": lr x plateau_factor after plateau_patience iterations without a better loss (the
+    #: paper's); "step" / "cosine": lr set by the iteration's place in the budget (engine.schedule).
+    schedule: str = "plateau"
     plateau_patience: int = 400
     plateau_factor: float = 0.1
     stop_patience: int = 4000
@@ -213,8 +216,9 @@ def gradient_matching(
     best_images = images.clone()
     lr = torch.full((num_victims,), float(config.lr), device=device)
     adam = PerVictimAdam(lr)
-    schedule = PlateauAndStop(num_victims, factor=config.plateau_factor, patience=config.plateau_patience,
-                              stop_patience=config.stop_patience, min_loss=config.min_loss, device=device)
+    schedule = make_schedule(config.schedule, num_victims, lr=float(config.lr), total=max_iterations,
+                             plateau_patience=config.plateau_patience, plateau_factor=config.plateau_factor,
+                             stop_patience=config.stop_patience, min_loss=config.min_loss, device=device)
     active = torch.ones(num_victims, dtype=torch.bool, device=device)
     iterations = torch.zeros(num_victims, dtype=torch.long, device=device)
 

@@ -25,8 +25,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = list(COLUMNS) + sorted({k for r in rows for k in r} - set(COLUMNS))
+def _rows(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> list[dict[str, Any]]:
+    keys = list(columns) + sorted({k for r in rows for k in r} - set(columns))
     return [{k: _clean(r.get(k)) for k in keys} for r in rows]
 
 
@@ -38,32 +38,34 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    clean = _rows(rows)
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+def to_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS, notes: list[str] | None = None) -> str:
+    clean = _rows(rows, columns)
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     body = "".join(
-        "| " + " | ".join(" ".join(_cell(r[k]).replace("|", "\\|").split()) for k in COLUMNS) + " |\n"
+        "| " + " | ".join(" ".join(_cell(r[k]).replace("|", "\\|").split()) for k in columns) + " |\n"
         for r in clean
     )
-    notes = sorted({r["lpips_note"] for r in clean if r.get("lpips_note")})
+    notes = sorted({r["lpips_note"] for r in clean if r.get("lpips_note")}) + list(notes or [])
     return head + body + "".join(f"\n{note}\n" for note in notes)
 
 
-def to_text(rows: list[dict[str, Any]], fmt: str) -> str:
-    """`rows` as md, csv or json text."""
-    clean = _rows(rows)
+def to_text(rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...] = COLUMNS,
+            notes: list[str] | None = None) -> str:
+    """`rows` as md, csv or json text; `columns` lead (md shows only them), `notes` follow a
+    Markdown table."""
+    clean = _rows(rows, columns)
     if fmt == "json":
         return json.dumps(clean, indent=2) + "\n"
     if fmt == "csv":
         import io
 
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(clean[0]) if clean else list(COLUMNS), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=list(clean[0]) if clean else list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(clean)
         return buffer.getvalue()
     if fmt == "md":
-        return to_markdown(rows)
+        return to_markdown(rows, columns, notes)
     raise UserInputError(f"Unknown format '{fmt}': use md, csv or json.")
 
 

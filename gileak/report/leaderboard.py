@@ -25,31 +25,68 @@ def _num(value: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(value)
 
 
+def _published(value: Any, difference: float | None, fmt: str) -> str:
+    """'0.87 ± 0.11 (Δ −0.05)': a published figure and this run's difference from it."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        text = fmt.format(value[0]) + ("" if value[1] is None else " ± " + fmt.format(value[1]))
+    else:
+        text = fmt.format(value)
+    if difference is not None:
+        text += f" (Δ {fmt.format(difference).replace('-', '−')})" if difference < 0 else \
+            f" (Δ +{fmt.format(difference)})"
+    return text
+
+
+def _paper_cells(comparison) -> list[Text]:
+    if comparison is None or not comparison.values:
+        return [Text(""), Text(""), Text(""),
+                Text("attack differs" if comparison is not None and comparison.attack_differs else "")]
+    values, differences = comparison.values, comparison.differences
+    where = Text(",".join(comparison.tables))
+    if comparison.smaller_budget:
+        where.append(" *", style="yellow")
+    if comparison.stand_in:
+        where.append(" †", style="yellow")
+    return [Text(_published(values.get("ssim"), differences.get("ssim"), "{:.2f}")),
+            Text(_published(values.get("asr"), differences.get("asr"), "{:.1f}")),
+            Text(_published(values.get("accuracy"), differences.get("accuracy"), "{:.1f}")), where]
+
+
 def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = None,
-                       title: str = "gileak leaderboard") -> Table:
-    """Print the leaderboard; failed cells stay in it with their reason. Returns the table.
-    Every cell is rich Text: labels, paths and reasons print as written on any console."""
+                       title: str = "gileak leaderboard", comparisons: list | None = None,
+                       extra_notes: list[str] | None = None) -> Table:
+    """Print the leaderboard; failed cells stay in it with their reason. With `comparisons`
+    (gileak.paper.compare, one per row), the published figures and the differences sit beside
+    each matching row. Returns the table. Every cell is rich Text: labels, paths and reasons
+    print as written on any console."""
     console = console or Console()
     table = Table(title=Text(title, style="bold"), show_lines=False)
-    for header, justify in (
+    headers = [
         ("dataset", "left"), ("model", "left"), ("defense", "left"), ("client", "left"), ("attack", "left"),
         ("status", "left"),
         ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
         ("labels (blind)", "right"), ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"),
         ("time s", "right"),
-    ):
+    ]
+    if comparisons is not None:
+        headers += [("paper SSIM (Δ)", "right"), ("paper ASR % (Δ)", "right"), ("paper acc % (Δ)", "right"),
+                    ("paper table", "left")]
+    for header, justify in headers:
         table.add_column(Text(header), justify=justify, overflow="fold")
     has_accuracy = any(r.get("accuracy_mean") is not None for r in rows)
-    for row in rows:
+    for index, row in enumerate(rows):
         names = [Text(str(row.get(k, "gradient" if k == "client" else ""))) for k in NAME_COLUMNS]
+        paper = _paper_cells(comparisons[index]) if comparisons is not None else []
         status = str(row.get("status") or "ok")
         status_cell = Text(status.upper() if status == "failed" else status, style=STATUS_STYLE.get(status, "green"))
         if status == "failed":
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
-            table.add_row(*names, status_cell, Text(f"failed: {reason}", style="red"), *[Text("")] * 9)
+            table.add_row(*names, status_cell, Text(f"failed: {reason}", style="red"), *[Text("")] * 9, *paper)
             continue
         if status == "not applicable":
-            table.add_row(*names, status_cell, Text("— (see note)", style="yellow"), *[Text("")] * 9)
+            table.add_row(*names, status_cell, Text("— (see note)", style="yellow"), *[Text("")] * 9, *paper)
             continue
         ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
         accuracy = "—"
@@ -67,7 +104,7 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         cells = [ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
                  _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), labels, accuracy, params,
                  victims, _num(row.get("seconds"), "{:.1f}")]
-        table.add_row(*names, status_cell, *[Text(cell) for cell in cells])
+        table.add_row(*names, status_cell, *[Text(cell) for cell in cells], *paper)
     notes = []
     lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
     notes += [f"LPIPS —: {note}" for note in lpips_notes]
@@ -89,6 +126,7 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     notes += [f"partial (some seeds failed; scored on the others): "
               f"{' | '.join(str(r.get(k, '')) for k in NAME_COLUMNS)}: {r.get('error')}"
               for r in partial]
+    notes += list(extra_notes or [])
     failed = sum(r.get("status") == "failed" for r in rows)
     if failed:
         notes.insert(0, f"FAILED: {failed} row(s) measured nothing (reason in the row); they are not privacy")
