@@ -446,3 +446,23 @@ def test_a_victims_upload_noise_is_its_own_in_any_batch():
     assert all(torch.equal(both[n][1], second[n][0]) for n in both)
     other = shared_gradients(net, NoDefense(), images[2:4], labels[2:4], seeds=[13], client=client)
     assert any(not torch.equal(other[n][0], second[n][0]) for n in other)  # noise that changes with the seed
+
+
+def test_leaderboard_paper_compares_a_batched_clients_row_for_accuracy_only():
+    from gileak import paper
+    from gileak.runner import RowSource
+
+    cell = " | ".join(paper._canonical(kind, text) for kind, text in
+                      (("dataset", "cifar10"), ("model", "cnn"), ("defense", "none")))
+    ig = paper._canonical("attack", "ig")
+    full = {"victims": 128, "iterations": 20000, "rounds": 300, "patience": 40, "attack_at": "final"}
+    rows = [{"dataset": "d", "model": "m", "defense": "none", "client": "gradient", "attack": "ig",
+             "ssim_mean": 0.9, "asr": 100.0, "accuracy_mean": 0.6},
+            {"dataset": "d", "model": "m", "defense": "none", "client": "gradient(batch=4)", "attack": "ig",
+             "ssim_mean": 0.1, "asr": 0.0, "accuracy_mean": 0.6}]
+    sources = {("d", "m", "none", "gradient", "ig"): RowSource({cell}, {ig}, {0, 1, 2}),
+               ("d", "m", "none", "gradient(batch=4)", "ig"):
+                   RowSource({cell}, {f'{ig} @ gradient{{"aggregate":1,"batch":4}}'}, {0, 1, 2})}
+    single, batched = paper.compare(rows, sources, full)
+    assert "ssim" in single.values  # the paper's threat model: its privacy figures
+    assert "ssim" not in batched.values and "accuracy" in batched.values  # a batch is another attack setting

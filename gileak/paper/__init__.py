@@ -150,7 +150,9 @@ def compare(rows: list[dict[str, Any]], sources: dict, budget: dict[str, Any],
     indexed = sorted(_indexed(), key=lambda item: order[item[0].table])
     out: list[Comparison | None] = []
     for row in rows:
-        source = sources.get((row["dataset"], row["model"], row["defense"], row.get("client", "gradient"), row["attack"]))
+        # rows name their client (results store their sources by it); rows without one are the paper's
+        names = (row["dataset"], row["model"], row["defense"], row["attack"])
+        source = sources.get((*names[:3], row["client"], names[3]) if "client" in row else names)
         if source is None or len(source.cells) != 1 or len(source.attacks) != 1:
             out.append(None)  # unknown, or one label over several parameter sets: nothing to match
             continue
