@@ -466,3 +466,31 @@ def test_leaderboard_paper_compares_a_batched_clients_row_for_accuracy_only():
     single, batched = paper.compare(rows, sources, full)
     assert "ssim" in single.values  # the paper's threat model: its privacy figures
     assert "ssim" not in batched.values and "accuracy" in batched.values  # a batch is another attack setting
+
+
+def test_a_defenses_own_step_replaces_each_steps_gradient_and_its_transform_applies_to_the_upload():
+    """The rule in every protocol: client_gradient (DP-SGD's kind) replaces a training step's
+    gradient; transform_gradient applies once, to what is uploaded."""
+    from gileak import Defense
+    from gileak.threat import client_loss, trainable_state
+
+    class Doubled(Defense):
+        name = "doubled"
+
+        def client_gradient(self, net, images, labels, generator=None):
+            params, frozen = trainable_state(net)
+            gradient = torch.func.grad(lambda p: client_loss(net, {**p, **frozen}, images, labels,
+                                                             update_running_stats=False))(params)
+            return {name: 2 * value for name, value in gradient.items()}
+
+        def transform_gradient(self, gradient, generator=None):
+            return {name: value + 1 for name, value in gradient.items()}
+
+    net = tiny_cnn().train()
+    images, labels = data(4)
+    plain = GradientClient(batch=4).upload(net, NoDefense(), images, labels)
+    defended = GradientClient(batch=4).upload(net, Doubled(), images, labels)
+    assert_uploads_close(defended, {n: 2 * v + 1 for n, v in plain.items()})
+    lr = 0.1
+    one_step = FedAvgClient(batch=4, steps=1, lr=lr).upload(net, Doubled(), images, labels)
+    assert_uploads_close(one_step, {n: -lr * 2 * v + 1 for n, v in plain.items()})  # + 1 once, on the update
