@@ -447,6 +447,7 @@ class Runner:
         (self.out / "spec.json").write_text(self.spec.model_dump_json(indent=2))
         self.store.clear_all_running()
         lpips_available, _ = metrics.lpips_status()
+        started, completed = time.time(), False
         try:
             if self.todo:
                 if self.executor == "ray":
@@ -459,8 +460,11 @@ class Runner:
                     run_pool(self, lpips_available, self._worker_devices())
                 else:
                     self._run_local(lpips_available)
+            completed = True
         finally:
             write_victims_log(self.store, self.out / "victims.jsonl")
+            self.store.record_run(started, time.time(), completed=completed, computed=self.resume.todo,
+                                  reused=self.resume.reused)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return build_result(self.store, self._planned_keys(), self.out, traces=self.traces)
 
@@ -498,11 +502,15 @@ class Runner:
         position = self._group_position(cell) * len(self.spec.attacks) + \
             [a.label for a in cell.attacks].index(result.label)
         key = (cell.dataset.label, cell.model.label, cell.defense.label, result.label)
-        slug = _slug("__".join(key)) + f"__seed{cell.seed}"
+        slug = result_stem(*key, cell.seed)
         note = result.note or None
         if result.status == "ok":
+            from gileak.report.images import save_victim_images
+
             save_reconstruction_grid(result.originals, result.reconstructions,
                                      self.out / "reconstructions" / f"{slug}.png")
+            save_victim_images(result.originals, result.reconstructions, self.out / "reconstructions" / f"{slug}.npz",
+                               cell=cell_id(cell), attack=result.attack, victims=[v.victim for v in result.victims])
             if self.spec.trace:
                 if result.trace is None:
                     note = "; ".join(filter(None, [note, "this attack does not record gradient traces"]))
@@ -629,6 +637,11 @@ ROW_METRICS = ("ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean", "lpips_m
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def result_stem(dataset: str, model: str, defense: str, attack: str, seed: int) -> str:
+    """The file name stem of a result's images (reconstructions/) and traces (traces/)."""
+    return _slug("__".join((dataset, model, defense, attack))) + f"__seed{seed}"
 
 
 def _slug(text: str) -> str:

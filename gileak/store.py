@@ -256,3 +256,24 @@ class ResultStore:
                 values[name] = json.loads(values[name]) if values[name] else ([] if name != "env" else {})
             out.append(StoredResult(**values, victims=victims.get((values["cell"], values["attack"]), [])))
         return out
+
+    # -- runs -------------------------------------------------------------------------------
+    def record_run(self, started: float, ended: float, *, completed: bool, computed: int, reused: int) -> None:
+        """Append one bench invocation (its wall-clock span, whether it ran to the end, results it
+        set out to compute and reused) to the directory's history, for the report's wall time."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+            runs = json.loads(row[0]) if row else []
+            runs.append({"started": started, "ended": ended, "completed": completed, "computed": computed,
+                         "reused": reused})
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('runs', ?)", (json.dumps(runs),))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The bench invocations recorded by `record_run`, oldest first (empty for directories
+        written before it existed)."""
+        stored = self.get_meta("runs")
+        try:
+            runs = json.loads(stored) if stored else []
+        except json.JSONDecodeError:
+            return []
+        return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
