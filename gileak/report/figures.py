@@ -203,7 +203,12 @@ def ssim_distribution_figure(rows: list[tuple[str, list[float]]], threshold: flo
     height = 1.0 + 0.38 * len(rows)
     figure, axis = plt.subplots(figsize=(7.5, height), dpi=110)
     positions = np.arange(len(rows))[::-1]  # the first row on top, as in the leaderboard
-    axis.boxplot([values for _, values in rows], positions=positions, vert=False, widths=0.6,
+    import inspect
+
+    # matplotlib 3.10 names it `orientation` and deprecates `vert`, which older releases need
+    sideways = ({"orientation": "horizontal"} if "orientation" in inspect.signature(axis.boxplot).parameters
+                else {"vert": False})
+    axis.boxplot([values for _, values in rows], positions=positions, **sideways, widths=0.6,
                  showfliers=False, medianprops={"color": "black"}, boxprops={"color": "grey"},
                  whiskerprops={"color": "grey"}, capprops={"color": "grey"})
     jitter = np.random.default_rng(0)  # fixed: the same run draws the same figure

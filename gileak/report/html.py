@@ -297,7 +297,7 @@ def _figures(rows: list[RowView], leaderboard: list[dict[str, Any]], stored) -> 
     from gileak.report.figures import (accuracy_curves_figure, figure_png, privacy_utility_figure, short_labels,
                                        ssim_distribution_figure)
 
-    figures = {}
+    figures: dict[str, Any] = dict.fromkeys(("ssim", "ssim_shared", "privacy", "accuracy", "accuracy_shared"))
     measured = [row for row in rows if any(result.victims for result in row.results)]
     labels, shared = short_labels([tuple(row.names) for row in measured])
     figure = ssim_distribution_figure([(label, [v.ssim for r in row.results for v in r.victims])

@@ -25,8 +25,11 @@ class VictimImages:
 
 
 def _to_uint8(images) -> np.ndarray:
-    array = images.detach().float().cpu().clamp(0, 1).numpy() if hasattr(images, "detach") else np.asarray(images)
-    array = np.nan_to_num(np.asarray(array, dtype=np.float32), nan=0.0)
+    """Images in [0, 1] (a tensor or array; NaN shown black) as 8-bit; 8-bit ones as they are."""
+    array = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if array.dtype == np.uint8:
+        return array
+    array = np.nan_to_num(array.astype(np.float32), nan=0.0)
     return np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
 
 
