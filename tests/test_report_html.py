@@ -253,6 +253,18 @@ def test_an_empty_or_old_directory_still_gets_a_page(tmp_path):
     assert "No result stored yet" in text and "not recorded" in text and "spec.json is missing" in text
 
 
+def test_reports_written_at_once_into_one_place_each_write_a_whole_page(hand_made_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    run_dir, _ = hand_made_run
+    with ThreadPoolExecutor(4) as pool:
+        infos = list(pool.map(lambda _: write_report(run_dir), range(4)))
+    assert {info.path for info in infos} == {run_dir / "report.html"}
+    text = (run_dir / "report.html").read_text()
+    assert text.rstrip().endswith("</html>") and len(Page(text).classed("figure", "victim")) == 5
+    assert not list(run_dir.glob(".report.html.*"))
+
+
 def test_privacy_utility_labels_of_rows_at_one_point_do_not_overlap():
     import matplotlib
 

@@ -99,25 +99,29 @@ def short_labels(keys: list[tuple[str, ...]], keep: int = 1) -> tuple[list[str],
     return [" | ".join(str(k[i]) for i in shown) for k in keys], shared
 
 
-def _pyplot():
+def _figure(width: float, height: float, dpi: int):
+    """A matplotlib Figure and its axes without pyplot: no global state, so reports can be drawn
+    from several threads at once."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots()
+
+
+def _palette(count: int):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
 
 
 def figure_png(figure, dpi: int = 110) -> bytes:
-    """A figure as PNG bytes (tight bounding box, so outside legends are kept); closes it."""
+    """A figure as PNG bytes (tight bounding box, so legends beside the axes are kept)."""
     import io
 
-    plt = _pyplot()
     buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(figure)
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -130,7 +134,6 @@ def privacy_utility_figure(rows, threshold: float = 0.5):
     when they vary), the hollow marker the attack, both in legends beside the axes — so rows at
     the same point stay readable instead of printing their labels over each other. Undefended
     rows are black; the ASR threshold (SSIM = 0.5) is dashed. None when no row has both numbers."""
-    plt = _pyplot()
     from matplotlib.lines import Line2D
 
     points = [r for r in rows if r.get("accuracy_mean") is not None and r.get("ssim_mean") is not None]
@@ -140,7 +143,7 @@ def privacy_utility_figure(rows, threshold: float = 0.5):
     group_labels, shared = short_labels(group_keys)
     groups = list(dict.fromkeys(group_labels))
     attacks = list(dict.fromkeys(r["attack"] for r in points))
-    palette = plt.cm.tab10.colors if len(groups) <= 10 else plt.cm.tab20.colors
+    palette = _palette(len(groups))
     colours, colour_index = {}, 0
     for group, key in dict(zip(group_labels, group_keys)).items():
         if key[2] == "none":
@@ -149,7 +152,7 @@ def privacy_utility_figure(rows, threshold: float = 0.5):
             colours[group] = palette[colour_index % len(palette)]
             colour_index += 1
     markers = {attack: _MARKERS[i % len(_MARKERS)] for i, attack in enumerate(attacks)}
-    figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    figure, axis = _figure(6.5, 4.5, dpi=120)
     axis.axvline(1 - threshold, color="grey", linestyle="--", linewidth=1)
     axis.text(1 - threshold, 0.02, " SSIM = 0.5 (ASR threshold)", color="grey", fontsize=7,
               transform=axis.get_xaxis_transform())
@@ -195,13 +198,12 @@ def ssim_distribution_figure(rows: list[tuple[str, list[float]]], threshold: flo
     `rows` are (label, SSIM values); None when no row has a value."""
     import numpy as np
 
-    plt = _pyplot()
     rows = [(label, [v for v in values if v is not None and np.isfinite(v)]) for label, values in rows]
     rows = [(label, values) for label, values in rows if values]
     if not rows:
         return None
     height = 1.0 + 0.38 * len(rows)
-    figure, axis = plt.subplots(figsize=(7.5, height), dpi=110)
+    figure, axis = _figure(7.5, height, dpi=110)
     positions = np.arange(len(rows))[::-1]  # the first row on top, as in the leaderboard
     import inspect
 
@@ -230,12 +232,11 @@ def ssim_distribution_figure(rows: list[tuple[str, list[float]]], threshold: flo
 def accuracy_curves_figure(curves: list[tuple[str, list[float]]]):
     """Test accuracy after every federated round, one line per training cell; None when no
     cell trained. `curves` are (label, accuracies in 0..1)."""
-    plt = _pyplot()
     curves = [(label, curve) for label, curve in curves if curve]
     if not curves:
         return None
-    figure, axis = plt.subplots(figsize=(6.5, 4), dpi=110)
-    palette = plt.cm.tab10.colors if len(curves) <= 10 else plt.cm.tab20.colors
+    figure, axis = _figure(6.5, 4, dpi=110)
+    palette = _palette(len(curves))
     styles = ("-", "--", ":", "-.")
     for i, (label, curve) in enumerate(curves):
         rounds = range(1, len(curve) + 1)

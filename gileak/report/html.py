@@ -4,10 +4,12 @@ figures and victim thumbnails as data URIs), built from the directory's store an
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
 import os
+import secrets
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ class Thumb:
 class VictimView:
     victim: int
     label: int
-    ssim: float
+    ssim: float | None
     psnr: float | None
     iterations: int
     leaked: bool
@@ -155,8 +157,8 @@ def _images_of(result, stem: Path) -> tuple[list[VictimView], str | None, Path |
     from gileak.metrics import ASR_THRESHOLD
     from gileak.report.images import UnreadableImages, load_victim_images
 
-    views = [VictimView(v.victim, v.label, v.ssim, v.psnr, v.iterations, v.ssim >= ASR_THRESHOLD)
-             for v in result.victims]
+    views = [VictimView(v.victim, v.label, v.ssim, v.psnr, v.iterations,
+                        v.ssim is not None and v.ssim >= ASR_THRESHOLD) for v in result.victims]
     npz, strip = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".png")
     strip = strip if strip.is_file() else None
     if not npz.is_file():
@@ -320,7 +322,7 @@ def _figures(rows: list[RowView], leaderboard: list[dict[str, Any]], stored) -> 
 def build_page(run_dir: Path, output: Path) -> str:
     """The report of `run_dir` as HTML text, with links relative to `output`'s directory."""
     import gileak
-    from gileak.report.leaderboard import COLUMNS, leaderboard_notes
+    from gileak.report.leaderboard import COLUMNS, _num, leaderboard_notes
     from gileak.runner import NOT_APPLICABLE, build_result
     from gileak.store import ResultStore
 
@@ -392,6 +394,7 @@ def build_page(run_dir: Path, output: Path) -> str:
         "training_seconds": _duration(training_seconds),
         "files": files,
         "duration": _duration,
+        "num": _num,
     }
     return _environment().get_template("report.html.j2").render(**context)
 
@@ -413,12 +416,16 @@ def write_report(run_dir: Path, output: Path | None = None) -> ReportInfo:
     if output.is_dir():
         raise UserInputError(f"{output} is a directory; give the report a file name such as {output / REPORT_NAME}.")
     page = build_page(run_dir, output)
+    # a name of its own: two reports written at once into one place never share a temporary file
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(page, encoding="utf-8")
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(page)
         os.replace(tmp, output)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise UserInputError(f"Cannot write the report to {output}: {e.strerror or e}.") from e
     return ReportInfo(output, output.stat().st_size, time.perf_counter() - started)
 
