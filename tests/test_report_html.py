@@ -45,9 +45,8 @@ class Page(HTMLParser):
     def handle_data(self, data):
         self.texts.append(data)
 
-    def all(self, tag: str, **where) -> list[dict[str, str]]:
-        return [a for t, a in self.elements if t == tag and all(w in (a.get(k) or "").split() if k == "class_"
-                                                                 else a.get(k) == w for k, w in where.items())]
+    def all(self, tag: str) -> list[dict[str, str]]:
+        return [a for t, a in self.elements if t == tag]
 
     def classed(self, tag: str, name: str) -> list[dict[str, str]]:
         return [a for t, a in self.elements if t == tag and name in (a.get("class") or "").split()]
@@ -321,6 +320,10 @@ def test_report_command_prints_path_and_size_and_refuses_bad_paths(hand_made_run
     assert code == 2 and "holds no gileak results" in out and "Traceback" not in out
     code, out = _cli("report", str(run_dir), "-o", str(tmp_path))
     assert code == 2 and "is a directory" in out
+    store = run_dir / "results.sqlite"
+    before = store.read_bytes()
+    code, out = _cli("report", str(run_dir), "-o", str(store))
+    assert code == 2 and "ending in .html" in out and store.read_bytes() == before
 
 
 # --- a real run in a real browser -----------------------------------------------------------------
@@ -385,6 +388,13 @@ def real_report(tmp_path_factory):
         reset()
     assert code == 1, out  # the broken attack fails; the rest ran
     assert f"Report: {run_dir / 'report.html'}" in out
+    first = (run_dir / "report.html").read_text()
+    (run_dir / "report.html").unlink()
+    # a resume (everything reused) writes the report again, of everything the directory holds
+    code, out = _cli("bench", "--datasets", "digits", "--defenses", "none,cvb", "--attacks", "ig,analytic",
+                     "--victims", "2", "--iterations", "5", "--rounds", "1", "--trace", "--out", str(run_dir))
+    assert code == 0 and "Resuming" in out and f"Report: {run_dir / 'report.html'}" in out, out
+    assert (run_dir / "report.html").read_text().count("boom &lt;script&gt;") == first.count("boom &lt;script&gt;") > 0
     return run_dir / "report.html"
 
 

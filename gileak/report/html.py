@@ -283,6 +283,14 @@ def _duration(seconds: Any) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+def _span(run: dict[str, Any]) -> float | None:
+    """Seconds a recorded bench invocation took; None when its record is incomplete."""
+    try:
+        return float(run["ended"]) - float(run["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _environments(stored) -> list[dict[str, Any]]:
     """The distinct environments the results were computed in, each with how many results."""
     found: dict[str, dict[str, Any]] = {}
@@ -383,13 +391,10 @@ def build_page(run_dir: Path, output: Path) -> str:
         "budget": budget,
         "seeds": sorted({r.seed for r in stored}),
         "environments": _environments(stored),
-        "runs": [{"started": _clock(r.get("started")), "ended": _clock(r.get("ended")),
-                  "wall": _duration((r.get("ended") or 0) - (r.get("started") or 0)) if r.get("ended") else "—",
+        "runs": [{"started": _clock(r.get("started")), "ended": _clock(r.get("ended")), "wall": _duration(_span(r)),
                   "completed": bool(r.get("completed")), "computed": r.get("computed"), "reused": r.get("reused")}
                  for r in runs],
-        "wall_total": _duration(sum(float(r.get("ended") or 0) - float(r.get("started") or 0) for r in runs
-                                    if isinstance(r.get("ended"), (int, float))
-                                    and isinstance(r.get("started"), (int, float)))) if runs else None,
+        "wall_total": _duration(sum(_span(r) or 0.0 for r in runs)) if runs else None,
         "attack_seconds": _duration(attack_seconds),
         "training_seconds": _duration(training_seconds),
         "files": files,
@@ -415,6 +420,8 @@ def write_report(run_dir: Path, output: Path | None = None) -> ReportInfo:
     output = Path(output) if output is not None else run_dir / REPORT_NAME
     if output.is_dir():
         raise UserInputError(f"{output} is a directory; give the report a file name such as {output / REPORT_NAME}.")
+    if output.suffix.lower() not in (".html", ".htm"):  # never over a store, a spec or an export by mistake
+        raise UserInputError(f"Cannot write the report to '{output}': give a file name ending in .html.")
     page = build_page(run_dir, output)
     # a name of its own: two reports written at once into one place never share a temporary file
     tmp = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
