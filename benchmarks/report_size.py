@@ -37,7 +37,7 @@ def synthetic_run(root: Path, rows: int, victims: int) -> Path:
     from gileak.base import GradientTrace
     from gileak.report.figures import save_trace
     from gileak.report.images import save_victim_images
-    from gileak.runner import result_stem
+    from gileak.report.html import result_stem
     from gileak.store import ResultStore, StoredResult, VictimRecord
 
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def synthetic_run(root: Path, rows: int, victims: int) -> Path:
             victims=[VictimRecord(i, i % 10, float(ssim[i]), 12.0, 0.05, None, 20, 0.1) for i in range(victims)],
             env={"gileak": "synthetic"})
         store.put(result)
-        stem = result_stem("photos", "cnn", defense, attack, 0)
+        stem = result_stem(result)
         images = rng.integers(0, 256, size=(2, victims, 3, 32, 32), dtype=np.uint8)
         save_victim_images(images[0], images[1], run_dir / "reconstructions" / f"{stem}.npz", cell=result.cell,
                            attack=attack, victims=list(range(victims)))

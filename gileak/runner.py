@@ -502,7 +502,7 @@ class Runner:
         position = self._group_position(cell) * len(self.spec.attacks) + \
             [a.label for a in cell.attacks].index(result.label)
         key = (cell.dataset.label, cell.model.label, cell.defense.label, result.label)
-        slug = result_stem(*key, cell.seed)
+        slug = _slug("__".join(key)) + f"__seed{cell.seed}"
         note = result.note or None
         if result.status == "ok":
             from gileak.report.images import save_victim_images
@@ -637,11 +637,6 @@ ROW_METRICS = ("ssim_mean", "ssim_std", "asr", "psnr_mean", "mse_mean", "lpips_m
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-def result_stem(dataset: str, model: str, defense: str, attack: str, seed: int) -> str:
-    """The file name stem of a result's images (reconstructions/) and traces (traces/)."""
-    return _slug("__".join((dataset, model, defense, attack))) + f"__seed{seed}"
 
 
 def _slug(text: str) -> str:

@@ -19,9 +19,8 @@ import pytest
 from PIL import Image
 
 from gileak.cli import main
-from gileak.report.html import write_report
+from gileak.report.html import result_stem, write_report
 from gileak.report.images import UnreadableImages, load_victim_images, save_victim_images
-from gileak.runner import result_stem
 from gileak.store import ResultStore, StoredResult, VictimRecord
 
 HOSTILE = "<script>window.__pwned = 1</script>"
@@ -66,7 +65,7 @@ def _result(defense: str, attack: str, status: str = "ok", ssims=(), error=None,
 
 
 def _stem(result: StoredResult) -> str:
-    return result_stem(result.dataset, result.model, result.defense, result.attack_label, result.seed)
+    return result_stem(result)
 
 
 def _store_images(run_dir: Path, result: StoredResult, originals, reconstructions) -> None:
@@ -123,13 +122,13 @@ def test_user_text_is_escaped_and_only_the_pages_own_script_runs(hand_made_run):
 
 
 def test_leaderboard_has_every_terminal_column_and_every_row_with_its_reason(hand_made_run):
-    from gileak.report.leaderboard import COLUMNS
+    from gileak.report.leaderboard import TABLE_COLUMNS
 
     run_dir, _ = hand_made_run
     text = write_report(run_dir).path.read_text()
     page = Page(text)
     headers = re.findall(r'<th scope="col"[^>]*>(.*?)</th>', text)
-    assert headers == [header for header, _ in COLUMNS]
+    assert headers == [header for header, _ in TABLE_COLUMNS] and "status" in headers
     body = text.split('id="leaderboard-table"', 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr class=\"([\w-]+)\"", body)
     assert rows == ["ok", "failed", "not-applicable", "ok"]
@@ -137,7 +136,7 @@ def test_leaderboard_has_every_terminal_column_and_every_row_with_its_reason(han
     assert "0.645 ± 0.333" in body  # SSIM mean ± std of (0.734, 0.2, 1.0), formatted as the terminal does
     assert "50.0 ± 0.0" in body  # accuracy of the trained row
     assert "LPIPS —" in text and "ASR = share of victims" in text
-    ssim_keys = [a["data-s4"] for a in page.all("tr") if "data-s4" in a]
+    ssim_keys = [a["data-s5"] for a in page.all("tr") if "data-s5" in a]
     assert ssim_keys[1:3] == ["", ""]  # failed rows have no value: they sort last
     assert [float(k) for k in ssim_keys[::3]] == pytest.approx([np.mean([0.734, 0.2, 1.0]), 0.075])
 
@@ -300,6 +299,18 @@ def test_victim_images_round_trip_and_malformed_files_raise(tmp_path):
         load_victim_images(tmp_path / "partial.npz")
 
 
+def test_the_report_is_documented_and_the_readme_shows_its_screenshot():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "(docs/report.md)" in readme and "](docs/images/report.png)" in readme
+    doc = (root / "docs" / "report.md").read_text(encoding="utf-8")
+    targets = [t for t in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc) if "://" not in t]
+    assert "images/report.png" in targets
+    for target in targets:
+        assert (root / "docs" / target).exists(), target
+    assert 0 < (root / "docs" / "images" / "report.png").stat().st_size < 500_000
+
+
 # --- the command --------------------------------------------------------------------------------
 
 
@@ -436,15 +447,16 @@ def _leaderboard(page) -> list[list[str]]:
 
 def test_the_leaderboard_renders_every_row_failed_ones_with_their_reason(page):
     rows = _leaderboard(page)
-    assert [(r[2], r[3]) for r in rows] == [("none", "ig"), ("none", "analytic"), ("none", "broken"),
-                                            ("cvb", "ig"), ("cvb", "analytic"), ("cvb", "broken")]
+    assert [(r[2], r[3], r[4]) for r in rows] == [
+        ("none", "ig", "ok"), ("none", "analytic", "not applicable"), ("none", "broken", "failed"),
+        ("cvb", "ig", "ok"), ("cvb", "analytic", "not applicable"), ("cvb", "broken", "failed")]
     for row in rows:
         if row[3] == "ig":
-            assert len(row) == 13 and re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", row[4])
+            assert len(row) == 14 and re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", row[5])
         elif row[3] == "broken":
-            assert row[4].startswith("failed") and f"boom {HOSTILE}" in row[4]
+            assert len(row) == 6 and row[5].startswith("failed") and f"boom {HOSTILE}" in row[5]
         else:
-            assert row[4].startswith("not applicable") and "fully connected" in row[4]
+            assert len(row) == 6 and row[5].startswith("not applicable") and "fully connected" in row[5]
     assert page.evaluate("window.__pwned") is None
     assert page.problems == []
 
@@ -453,15 +465,17 @@ def test_clicking_a_header_sorts_and_failed_rows_stay_last(page):
     ssim = page.locator("#leaderboard-table thead th", has_text="SSIM")
     ssim.click()
     rows = _leaderboard(page)
-    values = [float(r[4].split(" ± ")[0]) for r in rows[:2]]
-    assert values == sorted(values) and all(len(r) == 5 for r in rows[2:])
+    values = [float(r[5].split(" ± ")[0]) for r in rows[:2]]
+    assert values == sorted(values) and all(len(r) == 6 for r in rows[2:])
     assert ssim.get_attribute("aria-sort") == "ascending"
     ssim.click()
     rows = _leaderboard(page)
-    values = [float(r[4].split(" ± ")[0]) for r in rows[:2]]
-    assert values == sorted(values, reverse=True) and all(len(r) == 5 for r in rows[2:])
+    values = [float(r[5].split(" ± ")[0]) for r in rows[:2]]
+    assert values == sorted(values, reverse=True) and all(len(r) == 6 for r in rows[2:])
     page.locator("#leaderboard-table thead th", has_text="attack").click()
     assert [r[3] for r in _leaderboard(page)] == ["analytic", "analytic", "broken", "broken", "ig", "ig"]
+    page.locator("#leaderboard-table thead th", has_text="status").click()
+    assert [r[4] for r in _leaderboard(page)] == ["failed"] * 2 + ["not applicable"] * 2 + ["ok"] * 2
     assert page.problems == []
 
 

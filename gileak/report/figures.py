@@ -86,6 +86,18 @@ def save_trace(trace, stem: str | Path, title: str = "") -> list[Path]:
     return [csv_path, png_path]
 
 
+def save_privacy_utility(rows, path: str | Path, threshold: float = 0.5) -> Path | None:
+    """Draw `privacy_utility_figure` to `path` (the format follows its suffix); None (and no
+    file) when no row has both an accuracy and an SSIM."""
+    figure = privacy_utility_figure(rows, threshold)
+    if figure is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
 def short_labels(keys: list[tuple[str, ...]], keep: int = 1) -> tuple[list[str], str]:
     """Labels of `keys` (tuples like (dataset, model, defense, attack)) that leave out the parts
     every key shares, and those shared parts joined: ("digits | cnn", labels "none | ig", ...).
@@ -178,18 +190,6 @@ def privacy_utility_figure(rows, threshold: float = 0.5):
                          for a in attacks], labels=attacks, title="attack (marker)", fontsize=7,
                 title_fontsize=7, loc="upper left", bbox_to_anchor=(1.02, below - 0.04), borderaxespad=0)
     return figure
-
-
-def save_privacy_utility(rows, path: str | Path, threshold: float = 0.5) -> Path | None:
-    """Draw `privacy_utility_figure` to a PNG at `path`; None (and no file) when no row has
-    both an accuracy and an SSIM."""
-    figure = privacy_utility_figure(rows, threshold)
-    if figure is None:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(figure_png(figure, dpi=120))
-    return path
 
 
 def ssim_distribution_figure(rows: list[tuple[str, list[float]]], threshold: float = 0.5):

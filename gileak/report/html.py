@@ -177,14 +177,21 @@ def _images_of(result, stem: Path) -> tuple[list[VictimView], str | None, Path |
     return views, None, None
 
 
-def _result_view(result, run_dir: Path, link: _Links) -> ResultView:
-    from gileak.runner import result_stem
+def result_stem(result) -> str:
+    """The file name stem `Runner.persist` gave a stored result's images (reconstructions/) and
+    trace (traces/)."""
+    from gileak.runner import _slug
 
+    return _slug("__".join((result.dataset, result.model, result.defense, result.attack_label))) + \
+        f"__seed{result.seed}"
+
+
+def _result_view(result, run_dir: Path, link: _Links) -> ResultView:
     view = ResultView(result.seed, result.status, result.error, result.note, result.seconds, result.training_seconds,
                       result.rounds_run, result.attacked_round)
     if result.status != "ok":
         return view
-    stem = result_stem(result.dataset, result.model, result.defense, result.attack_label, result.seed)
+    stem = result_stem(result)
     view.victims, view.images_note, strip = _images_of(result, run_dir / "reconstructions" / stem)
     if strip is not None:
         view.strip = _plot(strip.read_bytes())
@@ -201,9 +208,9 @@ def _result_view(result, run_dir: Path, link: _Links) -> ResultView:
 
 
 def _sort_keys(row: dict[str, Any]) -> list[Any]:
-    """What each leaderboard column sorts by: the names as text, the metrics by their number
-    (empty for failed rows, which sort last either way)."""
-    names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")]
+    """What each leaderboard column sorts by: the names and the status as text, the metrics by
+    their number (empty for failed rows, which sort last either way)."""
+    names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")] + [str(row.get("status") or "ok")]
     if row.get("status") in ("failed", "not applicable"):
         return names + [""] * 9
 
@@ -217,9 +224,10 @@ def _sort_keys(row: dict[str, Any]) -> list[Any]:
 
 
 def _row_cells(row: dict[str, Any]) -> list[str]:
+    """The names and status of a row, then its metrics when it measured something."""
     from gileak.report.leaderboard import metric_cells
 
-    names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")]
+    names = [str(row[k]) for k in ("dataset", "model", "defense", "attack")] + [str(row.get("status") or "ok")]
     if row.get("status") in ("failed", "not applicable"):
         return names
     return names + metric_cells(row)
@@ -330,7 +338,7 @@ def _figures(rows: list[RowView], leaderboard: list[dict[str, Any]], stored) -> 
 def build_page(run_dir: Path, output: Path) -> str:
     """The report of `run_dir` as HTML text, with links relative to `output`'s directory."""
     import gileak
-    from gileak.report.leaderboard import COLUMNS, _num, leaderboard_notes
+    from gileak.report.leaderboard import TABLE_COLUMNS, _num, leaderboard_notes
     from gileak.runner import NOT_APPLICABLE, build_result
     from gileak.store import ResultStore
 
@@ -372,7 +380,7 @@ def build_page(run_dir: Path, output: Path) -> str:
         "run_dir": str(run_dir),
         "generated": _clock(time.time()),
         "version": gileak.__version__,
-        "columns": COLUMNS,
+        "columns": TABLE_COLUMNS,
         "rows": rows,
         "notes": leaderboard_notes(result.rows),
         # a row that does not apply says why in its own line of the table
