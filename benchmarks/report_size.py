@@ -42,6 +42,7 @@ def synthetic_run(root: Path, rows: int, victims: int) -> Path:
 
     rng = np.random.default_rng(0)
     run_dir = root / f"synthetic-{rows}x{victims}"
+    run_dir.mkdir()
     store = ResultStore(run_dir)
     for row in range(rows):
         defense, attack = f"defense{row // 2}", ("ig", "ignore")[row % 2]

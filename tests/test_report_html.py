@@ -78,6 +78,7 @@ def hand_made_run(tmp_path):
     """A run directory written through the store as a bench writes it: an ok row whose defense
     label is hostile HTML, a failed row, a not-applicable row, an ok row trained 3 rounds."""
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     store = ResultStore(run_dir)
     hostile = _result(HOSTILE, "ig", ssims=[0.734, 0.2, 1.0], position=0)
     failed = _result(HOSTILE, "dlg", status="failed", error=f"RuntimeError: boom {HOSTILE}\nsecond line", position=1)
@@ -246,6 +247,7 @@ def test_report_elsewhere_links_back_and_hostile_directory_names_stay_paths(hand
 
 
 def test_an_empty_or_old_directory_still_gets_a_page(tmp_path):
+    (tmp_path / "empty").mkdir()
     ResultStore(tmp_path / "empty").close()
     text = write_report(tmp_path / "empty").path.read_text()
     assert "No result stored yet" in text and "not recorded" in text and "spec.json is missing" in text
