@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -929,6 +930,7 @@ class Runner:
             atomic_write_text(self.out / "spec.json", self.spec.model_dump_json(indent=2))
         self.store.clear_all_running()
         lpips_available, _ = metrics.lpips_status()
+        started = time.time()
         try:
             if self.todo:
                 if self.executor == "ray":
@@ -945,11 +947,15 @@ class Runner:
             if self._directory_intact():  # else the error that says so is under way: write nothing
                 try:
                     write_victims_log(self.store, self.out / "victims.jsonl")
-                except (OSError, GileakError):  # the error under way (a full disk, Ctrl-C) is the one to tell
+                    self.store.record_run(started, time.time(), completed=False, computed=self.resume.todo,
+                                          reused=self.resume.reused)
+                except (OSError, GileakError, sqlite3.Error):  # the error under way (a full disk, Ctrl-C) is the one to tell
                     pass
             raise
         with self._writing(self.out / "victims.jsonl"):
             write_victims_log(self.store, self.out / "victims.jsonl")
+        self.store.record_run(started, time.time(), completed=True, computed=self.resume.todo,
+                              reused=self.resume.reused)
         self.check_directory()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return build_result(self.store, self._planned_keys(), self.out, traces=self.traces)
@@ -1010,6 +1016,7 @@ class Runner:
         """Store one finished attack (one transaction), then write its figure and trace files:
         a figure that cannot be written never costs a stored result."""
         from gileak.report.figures import save_reconstruction_grid
+        from gileak.report.images import save_victim_images
         from gileak.store import StoredResult
 
         cell = self.plan.cells[index]
@@ -1017,8 +1024,7 @@ class Runner:
         job = next(j for j in jobs if j.label == result.label)
         position = self._group_position(cell) * len(jobs) + jobs.index(job)
         key = (cell.dataset.label, cell.model.label, cell.defense.label, job.attack.label)
-        # the paper's client is left out of file names, as before clients existed
-        named = key if client_id(job.client) == DEFAULT_CLIENT else (*key[:3], job.client.label, key[3])
+        named = (*key[:3], job.client.label, key[3])
         slug = _slug(*named, f"seed{cell.seed}", identity=f"{cell_id(cell)} || {result.attack}")
         note = result.note or None
         traced = self.spec.trace and result.status == "ok"
@@ -1036,6 +1042,10 @@ class Runner:
             with self._writing(grid):  # a victim's batch stays on one line (16 images, or its whole batch)
                 save_reconstruction_grid(result.originals, result.reconstructions, grid,
                                          columns=max(per_victim, 16 // per_victim * per_victim))
+            images = self.out / "reconstructions" / f"{slug}.npz"
+            with self._writing(images):
+                save_victim_images(result.originals, result.reconstructions, images, cell=cell_id(cell),
+                                   attack=result.attack, victims=[v.victim for v in result.victims])
             if traced and result.trace is not None:
                 from gileak.report.figures import save_trace
 

@@ -433,6 +433,31 @@ class ResultStore:
         with self.transaction() as db:
             db.execute("DELETE FROM running")
 
+    def record_run(self, started: float, ended: float, *, completed: bool, computed: int, reused: int) -> None:
+        """Append one bench invocation (its wall-clock span, whether it ran to the end, results it
+        set out to compute and reused) to the directory's history, for the report's wall time."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+            try:
+                runs = json.loads(row[0]) if row else []
+            except (TypeError, ValueError):
+                runs = None
+            if not isinstance(runs, list):  # a damaged history is started again, never the run's end
+                runs = []
+            runs.append({"started": started, "ended": ended, "completed": completed, "computed": computed,
+                         "reused": reused})
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('runs', ?)", (json.dumps(runs),))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The bench invocations recorded by `record_run`, oldest first (empty for directories
+        written before it existed)."""
+        stored = self.get_meta("runs")
+        try:
+            runs = json.loads(stored) if stored else []
+        except json.JSONDecodeError:
+            return []
+        return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+
     def put(self, result: StoredResult) -> None:
         """Write one result and its victims, replacing an earlier one with the same key (a
         failed attempt that is retried), in one transaction."""

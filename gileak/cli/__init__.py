@@ -7,7 +7,7 @@ import warnings
 
 import typer
 
-from gileak.cli import bench, catalog, data_cmd, inspect_cmd, leaderboard_cmd, train_cmd
+from gileak.cli import bench, catalog, data_cmd, inspect_cmd, leaderboard_cmd, report_cmd, train_cmd
 from gileak.cli.state import state
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.command("plugins")(catalog.plugins)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("train")(train_cmd.train)
 app.command("leaderboard")(leaderboard_cmd.leaderboard)
+app.command("report")(report_cmd.report)
 app.add_typer(data_cmd.app, name="data")
 
 EXIT_USER_ERROR = 2

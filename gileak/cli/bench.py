@@ -23,6 +23,27 @@ def _default_out() -> Path:
     return out
 
 
+def _write_report(run_dir: Path, console: Console) -> None:
+    """The run's HTML report, `run_dir/report.html`. The results are stored before it is built,
+    so a report that fails loses nothing: it says why, and `gileak report DIR` builds it again."""
+    from rich.text import Text
+
+    from gileak.errors import GileakError
+    from gileak.report.html import human_size, write_report
+
+    try:
+        report = write_report(run_dir)
+    except Exception as e:
+        if state.debug:
+            raise
+        reason = str(e) if isinstance(e, GileakError) else f"{type(e).__name__}: {e}"
+        console.print(Text.assemble(("Report not written", "red"), f": {reason}; `gileak report {run_dir}` "
+                                    "builds it again."), highlight=False)
+        state.exit_code = 1
+        return
+    console.print(Text(f"Report: {report.path} ({human_size(report.size)})"), highlight=False)
+
+
 def bench(
     models: Annotated[Optional[str], typer.Option(help="Models, comma-separated: name or name(key=value,...); "
                                                    "a value a|b expands into a grid. [default: cnn]",
@@ -138,6 +159,7 @@ def _run(runner, the_plan, bench_spec, run_dir: Path, console: Console) -> None:
     runner.check_directory()  # the leaderboard was drawn from a store that is still the directory's
     if result.traces:
         console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
+    _write_report(run_dir, console)
     if result.failures:
         state.exit_code = 1
 

@@ -63,53 +63,69 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
     print as written on any console."""
     console = console or Console()
     table = Table(title=Text(title, style="bold"), show_lines=False)
-    headers = [
-        ("dataset", "left"), ("model", "left"), ("defense", "left"), ("client", "left"), ("attack", "left"),
-        ("status", "left"),
-        ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
-        ("labels (blind)", "right"), ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"),
-        ("time s", "right"),
-    ]
+    headers = list(TABLE_COLUMNS)
     if comparisons is not None:
         headers += [("paper SSIM (Δ)", "right"), ("paper ASR % (Δ)", "right"), ("paper acc % (Δ)", "right"),
                     ("paper table", "left")]
     for header, justify in headers:
         table.add_column(Text(header), justify=justify, overflow="fold")
-    has_accuracy = any(r.get("accuracy_mean") is not None for r in rows)
     for index, row in enumerate(rows):
         names = [Text(str(row.get(k, "gradient" if k == "client" else ""))) for k in NAME_COLUMNS]
         paper = _paper_cells(comparisons[index]) if comparisons is not None else []
         status = str(row.get("status") or "ok")
         status_cell = Text(status.upper() if status == "failed" else status, style=STATUS_STYLE.get(status, "green"))
+        blank = [Text("")] * (len(TABLE_COLUMNS) - len(NAME_COLUMNS) - 2)
         if status == "failed":
             reason = (row.get("error") or "unknown reason").strip().splitlines()[0]
-            table.add_row(*names, status_cell, Text(f"failed: {reason}", style="red"), *[Text("")] * 9, *paper)
+            table.add_row(*names, status_cell, Text(f"failed: {reason}", style="red"), *blank, *paper)
             continue
         if status == "not applicable":
-            table.add_row(*names, status_cell, Text("— (see note)", style="yellow"), *[Text("")] * 9, *paper)
+            table.add_row(*names, status_cell, Text("— (see note)", style="yellow"), *blank, *paper)
             continue
-        ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
-        accuracy = "—"
-        if row.get("accuracy_mean") is not None:
-            accuracy = f"{_num(100 * row['accuracy_mean'], '{:.1f}')} ± {_num(100 * row['accuracy_std'], '{:.1f}')}"
-            if row.get("epsilon") is not None:
-                accuracy += f" (ε={_num(row['epsilon'], '{:.3g}')})"
-        params = "—" if row.get("params") is None else f"{row['params']:,} (+{row['params_added_pct']:.1f}%)"
-        labels = "—"
-        if row.get("label_accuracy") is not None:
-            labels = f"{_num(row['label_accuracy'], '{:.2f}')} ({_num(row.get('label_baseline'), '{:.2f}')})"
-        victims = str(row.get("victims", "—"))
-        if row.get("images") and row.get("images") != row.get("victims"):
-            victims += f" ({row['images']} img)"
-        cells = [ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
-                 _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), labels, accuracy, params,
-                 victims, _num(row.get("seconds"), "{:.1f}")]
-        table.add_row(*names, status_cell, *[Text(cell) for cell in cells], *paper)
-    notes = []
-    lpips_notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})
-    notes += [f"LPIPS —: {note}" for note in lpips_notes]
+        table.add_row(*names, status_cell, *[Text(cell) for cell in metric_cells(row)], *paper)
+    notes = leaderboard_notes(rows) + list(extra_notes or [])
+    table.caption = Text("\n".join(notes))
+    table.caption_justify = "left"
+    console.print(table)
+    return table
+
+
+#: The leaderboard's columns (header, justification) for other renderings of it (the HTML report).
+TABLE_COLUMNS = (
+    ("dataset", "left"), ("model", "left"), ("defense", "left"), ("client", "left"), ("attack", "left"),
+    ("status", "left"),
+    ("SSIM ↓", "right"), ("ASR %", "right"), ("PSNR", "right"), ("MSE", "right"), ("LPIPS", "right"),
+    ("labels (blind)", "right"), ("acc %", "right"), ("params (+%)", "right"), ("victims", "right"),
+    ("time s", "right"),
+)
+
+
+def metric_cells(row: dict[str, Any]) -> list[str]:
+    """The texts of the metric columns (SSIM ↓ to time s) of a measured row, as the table prints them."""
+    ssim = f"{_num(row.get('ssim_mean'))} ± {_num(row.get('ssim_std'))}"
+    accuracy = "—"
+    if row.get("accuracy_mean") is not None:
+        accuracy = f"{_num(100 * row['accuracy_mean'], '{:.1f}')} ± {_num(100 * row['accuracy_std'], '{:.1f}')}"
+        if row.get("epsilon") is not None:
+            accuracy += f" (ε={_num(row['epsilon'], '{:.3g}')})"
+    params = "—" if row.get("params") is None else f"{row['params']:,} (+{row['params_added_pct']:.1f}%)"
+    labels = "—"
+    if row.get("label_accuracy") is not None:
+        labels = f"{_num(row['label_accuracy'], '{:.2f}')} ({_num(row.get('label_baseline'), '{:.2f}')})"
+    victims = str(row.get("victims", "—"))
+    if row.get("images") and row.get("images") != row.get("victims"):
+        victims += f" ({row['images']} img)"
+    return [ssim, _num(row.get("asr"), "{:.1f}"), _num(row.get("psnr_mean"), "{:.2f}"),
+            _num(row.get("mse_mean"), "{:.4f}"), _num(row.get("lpips_mean")), labels, accuracy, params,
+            victims, _num(row.get("seconds"), "{:.1f}")]
+
+
+def leaderboard_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The notes under the leaderboard, as plain text: failed rows, why a column shows —, what ε
+    and ASR mean, partial rows."""
+    notes = [f"LPIPS —: {note}" for note in sorted({r["lpips_note"] for r in rows if r.get("lpips_note")})]
     measured = [r for r in rows if r.get("status") not in ("failed", "not applicable")]
-    if not has_accuracy and measured:
+    if measured and not any(r.get("accuracy_mean") is not None for r in rows):
         notes.append("acc —: no federated training in this run (--rounds 0); accuracy not measured")
     if any(r.get("epsilon") is not None for r in rows):
         notes.append("ε: DP-SGD privacy spent in training at δ = 1e-5 (Opacus RDP accountant; the client that spent most)")
@@ -122,15 +138,10 @@ def render_leaderboard(rows: list[dict[str, Any]], console: Console | None = Non
         notes.append("victims (img): attacked uploads, and the images behind them; SSIM, ASR, PSNR, MSE and LPIPS "
                      "are per image, each reconstruction paired with an original by the assignment of highest "
                      "total SSIM (an evaluation step that uses the ground truth)")
-    partial = [r for r in rows if r.get("status") == "partial"]
     notes += [f"partial (some seeds failed; scored on the others): "
               f"{' | '.join(str(r.get(k, '')) for k in NAME_COLUMNS)}: {r.get('error')}"
-              for r in partial]
-    notes += list(extra_notes or [])
+              for r in rows if r.get("status") == "partial"]
     failed = sum(r.get("status") == "failed" for r in rows)
     if failed:
         notes.insert(0, f"FAILED: {failed} row(s) measured nothing (reason in the row); they are not privacy")
-    table.caption = Text("\n".join(notes))
-    table.caption_justify = "left"
-    console.print(table)
-    return table
+    return notes
