@@ -136,8 +136,8 @@ def test_leaderboard_has_every_terminal_column_and_every_row_with_its_reason(han
     assert "boom &lt;script&gt;" in body and "analytic needs a fully connected first layer" in body
     assert "0.645 ± 0.333" in body  # SSIM mean ± std of (0.734, 0.2, 1.0), formatted as the terminal does
     assert "50.0 ± 0.0" in body  # accuracy of the trained row
-    assert "LPIPS —" in text and "ASR = share of victims" in text
-    ssim_keys = [a["data-s5"] for a in page.all("tr") if "data-s5" in a]
+    assert "LPIPS —" in text and "ASR = share of images" in text
+    ssim_keys = [a["data-s6"] for a in page.all("tr") if "data-s6" in a]
     assert ssim_keys[1:3] == ["", ""]  # failed rows have no value: they sort last
     assert [float(k) for k in ssim_keys[::3]] == pytest.approx([np.mean([0.734, 0.2, 1.0]), 0.075])
 
@@ -449,16 +449,17 @@ def _leaderboard(page) -> list[list[str]]:
 
 def test_the_leaderboard_renders_every_row_failed_ones_with_their_reason(page):
     rows = _leaderboard(page)
-    assert [(r[2], r[3], r[4]) for r in rows] == [
+    assert [(r[2], r[4], r[5]) for r in rows] == [
         ("none", "ig", "ok"), ("none", "analytic", "not applicable"), ("none", "broken", "failed"),
         ("cvb", "ig", "ok"), ("cvb", "analytic", "not applicable"), ("cvb", "broken", "failed")]
     for row in rows:
-        if row[3] == "ig":
-            assert len(row) == 14 and re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", row[5])
-        elif row[3] == "broken":
-            assert len(row) == 6 and row[5].startswith("failed") and f"boom {HOSTILE}" in row[5]
+        assert row[3] == "gradient"  # the client column: the paper's
+        if row[4] == "ig":
+            assert len(row) == 16 and re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", row[6])
+        elif row[4] == "broken":
+            assert len(row) == 7 and row[6].startswith("failed") and f"boom {HOSTILE}" in row[6]
         else:
-            assert len(row) == 6 and row[5].startswith("not applicable") and "fully connected" in row[5]
+            assert len(row) == 7 and row[6].startswith("not applicable") and "fully connected" in row[6]
     assert page.evaluate("window.__pwned") is None
     assert page.problems == []
 
@@ -467,17 +468,17 @@ def test_clicking_a_header_sorts_and_failed_rows_stay_last(page):
     ssim = page.locator("#leaderboard-table thead th", has_text="SSIM")
     ssim.click()
     rows = _leaderboard(page)
-    values = [float(r[5].split(" ± ")[0]) for r in rows[:2]]
-    assert values == sorted(values) and all(len(r) == 6 for r in rows[2:])
+    values = [float(r[6].split(" ± ")[0]) for r in rows[:2]]
+    assert values == sorted(values) and all(len(r) == 7 for r in rows[2:])
     assert ssim.get_attribute("aria-sort") == "ascending"
     ssim.click()
     rows = _leaderboard(page)
-    values = [float(r[5].split(" ± ")[0]) for r in rows[:2]]
-    assert values == sorted(values, reverse=True) and all(len(r) == 6 for r in rows[2:])
+    values = [float(r[6].split(" ± ")[0]) for r in rows[:2]]
+    assert values == sorted(values, reverse=True) and all(len(r) == 7 for r in rows[2:])
     page.locator("#leaderboard-table thead th", has_text="attack").click()
-    assert [r[3] for r in _leaderboard(page)] == ["analytic", "analytic", "broken", "broken", "ig", "ig"]
+    assert [r[4] for r in _leaderboard(page)] == ["analytic", "analytic", "broken", "broken", "ig", "ig"]
     page.locator("#leaderboard-table thead th", has_text="status").click()
-    assert [r[4] for r in _leaderboard(page)] == ["failed"] * 2 + ["not applicable"] * 2 + ["ok"] * 2
+    assert [r[5] for r in _leaderboard(page)] == ["failed"] * 2 + ["not applicable"] * 2 + ["ok"] * 2
     assert page.problems == []
 
 
