@@ -16,6 +16,11 @@ of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed on up 
 the same iterations: the loop's rate does not depend on N), the evaluations of loss and
 gradient per victim-iteration (the line search's), and useful FLOP/s counted per evaluation.
 
+`--batch 1,4,16` (or `--clients "gradient(batch=4),fedavg(batch=4,steps=5)"`) attacks victims that
+upload a batch's gradient (or another client protocol) instead: for each client it reports the
+engine, victim-iterations/s and victim-images/s — victims x images per victim x iterations per
+second, the rate at which images are attacked — of the default engine and of vmap alone.
+
 Each figure is the median of --repeats timed runs; the machine's other load shows up as spread
 between repeats, so run it on an otherwise idle machine, or on a shared one with one thread and
 `--clock cpu`. The same script runs on CUDA.
@@ -161,6 +166,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
     parser.add_argument("--attacks", default="ig", help="ig (Adam: ig, ignore) and/or idlg (L-BFGS: dlg, idlg, cpl)")
+    parser.add_argument("--batch", default=None, help="comma-separated batch sizes B: attack gradient(batch=B) "
+                        "victims and report victim-images/s")
+    parser.add_argument("--clients", default=None, help="client protocols in gileak's component syntax, "
+                        "e.g. \"gradient(batch=4),fedavg(batch=4,steps=5)\"")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on a CPU, 8192 on a GPU")
     parser.add_argument("--json", default=None, help="also write the rows (and the matmul rates) to this file")
@@ -170,6 +179,9 @@ def main() -> None:
     args = parser.parse_args()
     global _clock
     _clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.batch or args.clients:
+        clients_table(args)
+        return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = torch.device(device).type == "cuda"
     size = args.matmul_size or (8192 if cuda else 2048)
@@ -255,6 +267,44 @@ def _write_json(path: str, info: dict, rows: list[dict]) -> None:
     from pathlib import Path
 
     Path(path).write_text(json.dumps({**info, "rows": rows}, indent=1))
+
+
+def _clients(args) -> list:
+    """The client components asked for: gradient(batch=B) per --batch entry, then --clients."""
+    from gileak.runner import resolve
+    from gileak.spec import parse_components
+
+    text = ",".join([f"gradient(batch={b.strip()})" for b in (args.batch or "").split(",") if b.strip()]
+                    + ([args.clients] if args.clients else []))
+    return [resolve("client", ref) for ref in parse_components(text)]
+
+
+def clients_table(args) -> None:
+    """Victim-iterations/s and victim-images/s of gradient matching on victims of each client."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"input={'x'.join(map(str, INPUT))}")
+    print(f"{'model':>8} {'client':>30} {'engine':>9} {'victims':>8} {'img/victim':>11} {'victim it/s':>12} "
+          f"{'victim-images/s':>16} {'vmap images/s':>14}")
+    for model_name in args.models.split(","):
+        for client in _clients(args):
+            per_victim = client.component.images_per_victim()
+            for count in (int(v) for v in args.victims.split(",")):
+                torch.manual_seed(0)
+                net = MODELS[model_name]().build(INPUT, 10).to(device)
+                images = torch.rand(count * per_victim, *INPUT, device=device)
+                labels = torch.randint(0, 10, (count * per_victim,), device=device)
+                uploads = shared_gradients(net, NoDefense(), images, labels, client=client.component)
+                target = Target(net, uploads, INPUT, 10, labels=labels, client=client.component)
+                batched = measure(target, labels, args.iterations, args.repeats)
+                name = engine_name(target)
+                vmapped = float("nan")
+                if not args.no_vmap and name != "vmap":
+                    vmapped = measure(target, labels, args.iterations, args.repeats, factored=False) * per_victim
+                elif name == "vmap":
+                    vmapped = batched * per_victim
+                print(f"{model_name:>8} {client.label:>30} {name:>9} {count:>8} {per_victim:>11} {batched:>12.0f} "
+                      f"{batched * per_victim:>16.0f} {vmapped:>14.0f}", flush=True)
 
 
 if __name__ == "__main__":

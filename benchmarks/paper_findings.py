@@ -14,8 +14,9 @@ stop the attack.
 
 The models are trained for 10 federated rounds first: at initialisation a variational
 bottleneck's sigma (softplus(0) ~ 0.69) swamps mu, so its latent is nearly pure noise and even
-Ignore cannot get through; the paper attacks trained models. With 2,000 iterations the
-schedule is the paper's scaled to the cap (see `gileak list attacks`).
+Ignore cannot get through; the paper attacks trained models. The attacks run gileak's default
+schedule (cosine decay over the 2,000-iteration cap, lr 0.1, TV 0.05: the strongest at such caps,
+docs/attack-strength.md), not the paper's plateau rule (`--profile paper`).
 
 Usage: python benchmarks/paper_findings.py [--iterations 2000] [--rounds 10] [--victims 8] [--out DIR]
 """

@@ -2,7 +2,7 @@
 
 import pluggy
 
-from gileak.base import Attack, Component, Dataset, DatasetInfo, Defense, Model, Reconstruction, Splits
+from gileak.base import Attack, Client, Component, Dataset, DatasetInfo, Defense, Model, Reconstruction, Splits
 from gileak.errors import (
     DataUnavailableError,
     DuplicateComponentError,
@@ -20,6 +20,7 @@ hookimpl = pluggy.HookimplMarker("gileak")
 
 __all__ = [
     "Attack",
+    "Client",
     "Component",
     "Dataset",
     "DatasetInfo",

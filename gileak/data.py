@@ -24,13 +24,26 @@ def data_root(override: str | os.PathLike | None = None) -> Path:
     It is handed unchanged, as `root`, to torchvision's and medmnist's own dataset classes, so a
     directory you already keep for them works as it is."""
     if override is not None and str(override) != "":
-        return Path(override).expanduser()
+        return user_path(override, "the data root")
     from_env = os.environ.get(DATA_ROOT_ENV, "")
     if from_env:
-        return Path(from_env).expanduser()
+        return user_path(from_env, DATA_ROOT_ENV)
     cache = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
+    base = user_path(cache, "XDG_CACHE_HOME") if cache else Path.home() / ".cache"
     return base / "gileak"
+
+
+def user_path(text: str | os.PathLike, what: str) -> Path:
+    """A path the user wrote, with ~ expanded; one that cannot name a file (a NUL byte, an unknown
+    ~user) is the user's to fix (UserInputError), not a traceback."""
+    try:
+        path = Path(text).expanduser()
+        os.fsencode(path)  # a surrogate that stands for no byte cannot reach the file system either
+    except (ValueError, RuntimeError, UnicodeError) as e:
+        raise UserInputError(f"{what}: {str(text)!r} is not a usable path ({e}).") from e
+    if "\x00" in str(path):
+        raise UserInputError(f"{what}: {str(text)!r} is not a usable path (it holds a NUL byte).")
+    return path
 
 
 def fit_images(images: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -92,6 +105,16 @@ def pick_victims(train_indices, count: int, seed: int) -> torch.Tensor:
     return train_indices[torch.randperm(len(train_indices), generator=generator)[:count]]
 
 
+def stratified_test_count(class_size: int, test_fraction: float) -> int:
+    """Test images `train_test_split` takes from a class of `class_size`: its rounded share,
+    but at least one and never all when the class has two or more. Datasets use it to declare
+    their split sizes without reading a pixel."""
+    n_test = int(round(class_size * test_fraction))
+    if class_size > 1:
+        n_test = min(max(n_test, 1), class_size - 1)
+    return n_test
+
+
 def train_test_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float, seed: int):
     """A seeded, stratified split: each class gives the same share to the test set."""
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -100,9 +123,7 @@ def train_test_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: 
     for cls in labels.unique(sorted=True):
         idx = (labels == cls).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
-        n_test = int(round(len(idx) * test_fraction))
-        if len(idx) > 1:
-            n_test = min(max(n_test, 1), len(idx) - 1)
+        n_test = stratified_test_count(len(idx), test_fraction)
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     train_idx = torch.cat(train).sort().values

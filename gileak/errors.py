@@ -38,3 +38,18 @@ class NotApplicableError(GileakError):
 
 class CellError(GileakError):
     """A benchmark cell failed at run time; the others still run."""
+
+
+class RefusedFileError(UserInputError):
+    """A file that a user or a download put on disk holds something other than the data it should
+    (code, unknown types, the wrong tensors); it was not loaded and nothing in it ran (exit 2)."""
+
+
+class NothingToAttackError(GileakError):
+    """A victim's shared gradient is all zeros or not finite: there is nothing an attack could
+    measure, so the result fails instead of scoring "no leakage" (exit code 1)."""
+
+
+class DivergedError(GileakError):
+    """A loss or the model's weights became NaN or infinite (training, an attack, a defense's
+    noise): the numbers that would follow measure nothing (exit code 1)."""

@@ -14,6 +14,9 @@ per-victim loop, its probed rate prices the attack. The figures scale to the pla
 budget and are upper bounds in one sense — attacks stop on a plateau and training on patience
 before their caps — and rough in others: a batched attack gets cheaper per victim as victims
 grow, and DP-SGD training (per-sample gradients) costs more than the plain step probed here.
+A client protocol other than the paper's gradient(batch=1) is estimated as the single-image
+probe times the images its simulation steps through per evaluation (`labels_per_upload`:
+batch x aggregate, times the local steps of fedavg) — rough again: a batch is cheaper per image.
 """
 
 from __future__ import annotations
@@ -125,16 +128,8 @@ def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 
             found.notes.append(f"attack cost not probed: {type(e).__name__}: {e}")
             per_iteration = None
         engines_known = choice.load(spec.out)
-        for attack in cell.attacks:
-            try:
-                found.engines[attack.label] = chosen = _engine_choice(
-                    cell, attack, net, info, input_shape, spec.victims, device, engines_known)
-            except Exception as e:  # noqa: BLE001 — the run will probe again; say so, estimate the rest
-                found.notes.append(f"{attack.label}: engine not chosen ({type(e).__name__}: {e})")
-                chosen = None
-            if chosen is not None and chosen.engine == "loop" and chosen.rates.get("loop"):
-                found.attack_seconds[attack.label] = spec.victims * spec.iterations * spec.seeds / chosen.rates["loop"]
-                continue
+        for attack in dict.fromkeys(job.attack.label for job in cell.jobs):
+            attack = next(job.attack for job in cell.jobs if job.attack.label == attack)
             seconds = per_iteration
             if per_iteration is not None and hasattr(attack.component, "lbfgs_config"):
                 try:
@@ -143,25 +138,38 @@ def estimate(plan, device: str, probe_victims: int = 8, probe_iterations: int = 
                 except Exception as e:  # noqa: BLE001 — say so and keep the matching-step figure
                     found.notes.append(f"{attack.label}: L-BFGS not probed ({type(e).__name__}: {e}); "
                                        "estimated as one matching step per iteration")
-            found.attack_seconds[attack.label] = (None if seconds is None else
-                                                  seconds * spec.victims * spec.iterations * spec.seeds)
+            for job in (job for job in cell.jobs if job.attack.label == attack.label):
+                images = job.client.component.labels_per_upload()
+                try:
+                    found.engines[job.label] = chosen = _engine_choice(
+                        cell, job, net, info, input_shape, spec.victims, device, engines_known)
+                except Exception as e:  # noqa: BLE001 — the run will choose again; say so, estimate the rest
+                    found.notes.append(f"{job.label}: engine not chosen ({type(e).__name__}: {e})")
+                    chosen = None
+                if chosen is not None and chosen.engine == "loop" and chosen.rates.get("loop"):
+                    found.attack_seconds[job.label] = spec.victims * spec.iterations * spec.seeds / chosen.rates["loop"]
+                    continue
+                found.attack_seconds[job.label] = (None if seconds is None else
+                                                   seconds * images * spec.victims * spec.iterations * spec.seeds)
     return estimates
 
 
-def _engine_choice(cell, attack, net, info, input_shape, victims: int, device: str, known: dict):
-    """The engine `attack` will run on in this cell (as the runner chooses it), probed on
-    `victims` random victims of the defended model."""
+def _engine_choice(cell, job, net, info, input_shape, victims: int, device: str, known: dict):
+    """The engine the job's attack will run on in this cell against its client's uploads (as
+    the runner chooses it), found on `victims` random victims of the defended model."""
     import torch
 
     from gileak.runner import attack_id, engine_key
 
-    cached = known.get(engine_key(cell, attack_id(attack), victims, device))
-    images = torch.rand(victims, *input_shape, device=device)
-    labels = torch.randint(info.num_classes, (victims,), device=device)
+    cached = known.get(engine_key(cell, attack_id(job), victims, device))
+    client = job.client.component
+    count = victims * client.images_per_victim()
+    images = torch.rand(count, *input_shape, device=device)
+    labels = torch.randint(info.num_classes, (count,), device=device)
     net.train()
-    target = _probe_target(net, cell.defense.component, images, labels, input_shape, info.num_classes)
+    target = _probe_target(net, cell.defense.component, images, labels, input_shape, info.num_classes, client)
     with torch.random.fork_rng(devices=[device] if str(device).startswith("cuda") else []):
-        return choice.choose(attack.component, target, list(range(victims)), cached)
+        return choice.choose(job.attack.component, target, list(range(victims)), cached)
 
 
 def _lbfgs_step_seconds(net, defense, attack, victims, labels, input_shape, num_classes, steps: int) -> float:
@@ -202,13 +210,14 @@ def _matching_step_seconds(net, defense, victims, labels, input_shape, num_class
     return max(seconds, 1e-9) / (steps * len(victims))
 
 
-def _probe_target(net, defense, victims, labels, input_shape, num_classes):
-    """The probe victims' shared gradients under the defense, as an attack target."""
+def _probe_target(net, defense, victims, labels, input_shape, num_classes, client=None):
+    """The probe victims' uploads (shared gradients, or `client`'s) under the defense, as an
+    attack target."""
     from gileak.threat import Target, shared_gradients
 
-    gradients = shared_gradients(net, defense, victims, labels, seed=0)
+    gradients = shared_gradients(net, defense, victims, labels, seed=0, client=client)
     return Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
-                  labels=labels)
+                  labels=labels, client=client)
 
 
 def len_test_guess(train_size: int) -> int:

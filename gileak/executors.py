@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 def compute_cell(spec_json: str, index: int, attack_labels: list[str], device: str, lpips_available: bool,
                  threads: int | None = None, debug: bool = False, engines: dict | None = None):
-    """Run one planned cell's `attack_labels` on `device`; returns its `CellOutcome`. `engines`:
-    the run directory's cached engine choices, as the driver read them at submission."""
+    """Run one planned cell's jobs (attack x client) named by `attack_labels` on `device`;
+    returns its `CellOutcome`. `engines`: the run directory's cached engine choices, as the
+    driver read them at submission."""
     import torch
 
     from gileak.runner import execute_cell, plan
@@ -31,8 +32,39 @@ def compute_cell(spec_json: str, index: int, attack_labels: list[str], device: s
         torch.cuda.set_device(torch.device(device))
     spec = BenchSpec.model_validate_json(spec_json)
     cell = plan(spec).cells[index]
-    attacks = [a for a in cell.attacks if a.label in attack_labels]
+    attacks = [a for a in cell.jobs if a.label in attack_labels]
     return execute_cell(cell, spec, device, attacks, lpips_available=lpips_available, debug=debug, engines=engines)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Run first in each worker process: the worker ends when the process that started it does,
+    even when that one is killed with SIGKILL and shuts nothing down (a worker holds a model and
+    its data, hundreds of MB, and would compute on for nobody). On Linux the kernel sends the
+    worker SIGKILL (prctl PR_SET_PDEATHSIG); everywhere a watchdog thread exits when the parent
+    pid changes (the worker was re-parented)."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl here: the watchdog below still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above could take effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gileak-parent-watch", daemon=True).start()
 
 
 def _persist(runner: Runner, index: int, get, attacks) -> None:
@@ -62,7 +94,8 @@ def run_pool(runner: Runner, lpips_available: bool, devices: list[str]) -> None:
     context = multiprocessing.get_context("spawn")
     pending = list(runner.todo)
     runner.describe(f"{len(pending)} cell(s) on {len(devices)} worker process(es): {', '.join(devices)}")
-    with ProcessPoolExecutor(max_workers=len(devices), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=len(devices), mp_context=context, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {}
         free = list(devices)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gileak.data import client_split, iid_partition
-from gileak.errors import UserInputError
+from gileak.errors import DivergedError, UserInputError
 from gileak.threat import client_loss
 
 
@@ -110,27 +110,44 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_s
 
 
 def _train_client(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: FLConfig,
-                  generator: torch.Generator) -> None:
-    """Local training of one client, in place on `net`, which holds the global state on entry."""
+                  generator: torch.Generator) -> torch.Tensor:
+    """Local training of one client, in place on `net`, which holds the global state on entry.
+    Returns whether every batch's loss was finite (a 0-dim bool tensor, read once per client)."""
     # Each client's Adam is fresh every round: FedAvg shares weights, not optimizer moments.
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr, betas=config.betas)
     net.train()
     # The Parameters themselves go into the state so gradients reach them and the optimizer,
     # and training uses the very loss the attacked client step uses (β·KL included).
     state = dict(net.named_parameters()) | dict(net.named_buffers())
+    finite = torch.ones((), dtype=torch.bool, device=labels.device)
     for _epoch in range(config.local_epochs):
         order = torch.randperm(len(labels), generator=generator).to(labels.device)
         for batch in order.split(config.batch_size):
             optimizer.zero_grad(set_to_none=True)
-            client_loss(net, state, images[batch], labels[batch]).backward()
+            loss = client_loss(net, state, images[batch], labels[batch])
+            finite &= torch.isfinite(loss.detach())
+            loss.backward()
             optimizer.step()
+    return finite & _finite_state(optimizer)
+
+
+def _finite_state(optimizer) -> torch.Tensor:
+    """Whether the optimizer's moments are finite (a 0-dim bool tensor). A gradient beyond float
+    range (a defense's noise) overflows Adam's squared moment to inf, which freezes the weights
+    while every loss stays finite: training has silently stopped."""
+    tensors = [value for state in optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all().cpu()
 
 
 def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: FLConfig,
-                     generator: torch.Generator, clip: float, sigma: float, accountant) -> None:
+                     generator: torch.Generator, clip: float, sigma: float, accountant) -> torch.Tensor:
     """Local DP-SGD with Opacus: Poisson-sampled batches (rate batch/n, as the accountant
     assumes), per-sample gradients clipped to `clip`, Gaussian noise of std clip·sigma, then
-    Adam. Every step is charged to the client's RDP `accountant`."""
+    Adam. Every step is charged to the client's RDP `accountant`. Returns whether every loss
+    was finite."""
     import warnings
 
     from opacus import GradSampleModule
@@ -145,6 +162,7 @@ def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     params = [p for p in net.parameters() if p.requires_grad]
     device = params[0].device
     noise = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    finite = torch.ones((), dtype=torch.bool, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = GradSampleModule(net)
@@ -159,8 +177,10 @@ def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(images[chosen]), labels[chosen]) + aux_loss(net)
+                finite &= torch.isfinite(loss.detach())
                 loss.backward()
                 optimizer.step()
+            finite &= _finite_state(optimizer)
         finally:
             model._close()
     for p in params:  # leave no per-sample buffers behind for the next client
@@ -168,6 +188,7 @@ def _train_client_dp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         for attribute in ("grad_sample", "summed_grad"):
             if hasattr(p, attribute):
                 delattr(p, attribute)
+    return finite
 
 
 def _transform_upload(net: nn.Module, global_state: dict[str, torch.Tensor], defense,
@@ -184,6 +205,16 @@ def _transform_upload(net: nn.Module, global_state: dict[str, torch.Tensor], def
         sent = defense.transform_gradient(update, generator)
         for n, p in named.items():
             p.copy_(global_state[n] + sent[n])
+
+
+def _check_finite_state(state: dict[str, torch.Tensor], round_index: int) -> None:
+    """Raise DivergedError when FedAvg produced a NaN or infinite weight (a client's upload
+    beyond float range: a defense's noise, a diverged client)."""
+    floating = [value for value in state.values() if value.is_floating_point()]
+    if floating and not bool(torch.stack([torch.isfinite(value).all() for value in floating]).all()):
+        raise DivergedError(
+            f"training diverged: the global model has NaN or infinite weights after round {round_index + 1} (a "
+            "client's upload beyond float range, e.g. a defense's noise); no accuracy is reported for it.")
 
 
 def _detached_copy(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -241,20 +272,33 @@ def federated_train(net: nn.Module, defense, train_images: torch.Tensor, train_l
             # Stochastic modules (variational bottlenecks) draw from the global stream.
             torch.manual_seed(_seed(config.seed, round_index, client, 1))
             if dp is not None:
-                _train_client_dp(net, train_images[train], train_labels[train], config, shuffle, *dp,
-                                 accountants[client])
+                finite = _train_client_dp(net, train_images[train], train_labels[train], config, shuffle, *dp,
+                                          accountants[client])
             else:
-                _train_client(net, train_images[train], train_labels[train], config, shuffle)
+                finite = _train_client(net, train_images[train], train_labels[train], config, shuffle)
+            if not bool(finite):
+                raise DivergedError(
+                    f"training diverged: client {client}'s training loss or optimizer state became NaN or infinite "
+                    f"in round {round_index + 1} (learning rate {config.lr:g}); no accuracy is reported for a "
+                    "model that is numerically broken. Lower the learning rate or check the defense's parameters "
+                    "(noise beyond float range?).")
             _transform_upload(net, global_state, defense, shuffle)
             client_states.append(_detached_copy(net))
         global_state = fedavg(client_states, sizes)
         del client_states
+        _check_finite_state(global_state, round_index)
         net.load_state_dict(global_state)
 
         val_losses = [evaluate(net, train_images[val], train_labels[val], device=device)[0]
                       for _train, val in splits if len(val) > 0]
         val_loss = sum(val_losses) / len(val_losses) if val_losses else math.nan
-        _, accuracy = evaluate(net, test_images, test_labels, device=device)
+        test_loss, accuracy = evaluate(net, test_images, test_labels, device=device)
+        held_out = val_losses + ([test_loss] if len(test_labels) else [])  # an empty set's loss is NaN
+        if not all(math.isfinite(loss) for loss in held_out):
+            raise DivergedError(
+                f"training diverged: the global model's loss on held-out images is NaN or infinite after round "
+                f"{round_index + 1}; no accuracy is reported for a model that is numerically broken. Lower the "
+                "learning rate or check the defense's parameters.")
         result.val_loss_curve.append(val_loss)
         result.accuracy_curve.append(accuracy)
         result.rounds_run = round_index + 1

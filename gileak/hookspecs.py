@@ -23,3 +23,8 @@ def register_models(register):
 @hookspec
 def register_datasets(register):
     """Register Dataset subclasses: call register(DatasetClass) for each."""
+
+
+@hookspec
+def register_clients(register):
+    """Register Client subclasses: call register(ClientClass) for each."""

@@ -71,17 +71,15 @@ def count_trainable(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def forward_order(net: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Names of trainable parameters in the order their modules run forward, traced once on a
-    dry run with hooks (a module called twice counts at its first call)."""
-    module_names = {module: name for name, module in net.named_modules()}
-    called: list[nn.Module] = []
+def call_order(net: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of the net's modules in the order they are first called forward (a parent before
+    its children), traced once on a dry run in eval mode with hooks; the root is ""."""
+    called: dict[nn.Module, None] = {}
 
     def record(module, _inputs):
-        if module not in called:
-            called.append(module)
+        called.setdefault(module, None)
 
-    handles = [m.register_forward_pre_hook(record) for m in net.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(record) for m in net.modules()]
     was_training = net.training
     try:
         net.eval()
@@ -92,29 +90,60 @@ def forward_order(net: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
         net.train(was_training)
         for handle in handles:
             handle.remove()
+    module_names = {module: name for name, module in net.named_modules()}
+    return [module_names[module] for module in called if module in module_names]
+
+
+def forward_order(net: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of trainable parameters in the order their modules run forward, traced once on a
+    dry run with hooks (a module called twice counts at its first call)."""
+    modules = dict(net.named_modules())
     order: list[str] = []
-    for module in called:
-        prefix = module_names[module]
-        for pname, param in module.named_parameters(recurse=False):
+    for prefix in call_order(net, input_shape):
+        for pname, param in modules[prefix].named_parameters(recurse=False):
             if param.requires_grad:
                 order.append(f"{prefix}.{pname}" if prefix else pname)
     return order
 
 
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
 def first_stochastic_cut(net: nn.Module, input_shape: tuple[int, ...]) -> list[str] | None:
-    """Parameters that run before the first stochastic module's decoder (what "ignore" keeps),
-    or None when the model has no stochastic module. A stochastic module declares its decoder's
-    parameter prefixes in `decoder_prefixes` (relative names); everything from there on is dropped."""
+    """The parameters "ignore" keeps (paper Eq. 4), in forward order: those that run before the
+    decoder of the first stochastic module *that runs* (traced, not registration order), or None
+    when no stochastic module runs. A stochastic module names its decoder's parameter prefixes
+    (relative) in `decoder_prefixes`; the cut is at the first decoder parameter that runs, and
+    it and everything after it are dropped. A module that names no decoder is cut at its own
+    first parameter (or, owning none, at the first parameter that runs after it is called).
+    Raises NotApplicableError when the named decoder has no trainable parameter that runs: the
+    attack as defined (drop the decoder and what follows) cannot be applied, and matching every
+    gradient instead would silently be a different attack."""
+    from gileak.errors import NotApplicableError
+
+    modules = dict(net.named_modules())
+    called = call_order(net, input_shape)
+    first = next((name for name in called if is_stochastic(modules[name])), None)
+    if first is None:
+        return None
+    module = modules[first]
     order = forward_order(net, input_shape)
-    module_names = {module: name for name, module in net.named_modules()}
-    for module in net.modules():
-        if is_stochastic(module):
-            prefix = module_names[module]
-            decoder = [f"{prefix}.{p}" if prefix else p for p in getattr(module, "decoder_prefixes", ())]
-            for index, name in enumerate(order):
-                if any(name.startswith(d + ".") for d in decoder) or (
-                    not decoder and name.startswith(prefix + ".")
-                ):
-                    return order[:index]
-            return order
-    return None
+    declared = tuple(getattr(module, "decoder_prefixes", ()) or ())
+    if declared:
+        decoder = [f"{first}.{p}" if first else p for p in declared]
+        for index, name in enumerate(order):
+            if any(_under(name, d) for d in decoder):
+                return order[:index]
+        label = first or "the model itself"
+        raise NotApplicableError(
+            f"the first stochastic module that runs ({label}, {type(module).__name__}) names its decoder "
+            f"{', '.join(repr(d) for d in declared)}, but no trainable parameter of it runs, so the cut before "
+            "its decoder is undefined")
+    after = set(called[called.index(first):])  # the module, its children and every module called later
+    owner = {f"{prefix}.{pname}" if prefix else pname: prefix
+             for prefix in called for pname, _ in modules[prefix].named_parameters(recurse=False)}
+    for index, name in enumerate(order):
+        if owner.get(name) in after:
+            return order[:index]
+    return order

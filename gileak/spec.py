@@ -4,6 +4,7 @@ component mini-syntax `name(key=value,...)` where `a|b|c` expands into a grid.""
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gileak.errors import SpecError
 
-KIND_FIELDS = {"models": "model", "datasets": "dataset", "defenses": "defense", "attacks": "attack"}
+KIND_FIELDS = {"models": "model", "datasets": "dataset", "defenses": "defense", "attacks": "attack",
+               "clients": "client"}
 
 
 class ComponentRef(BaseModel):
@@ -95,9 +97,18 @@ def parse_component(text: str) -> list[ComponentRef]:
     return _expand(name, grid, original=text)
 
 
+#: Grid points one component may expand into: beyond it a grid is a slip, refused before the
+#: product is built (a few `|` values over many keys would otherwise fill memory).
+MAX_GRID_POINTS = 10_000
+
+
 def _expand(name: str, grid: dict[str, list[Any]], original: str | None = None) -> list[ComponentRef]:
     if not grid:
         return [ComponentRef(name=name, label=original or name)]
+    points = math.prod(len(values) for values in grid.values())
+    if points > MAX_GRID_POINTS:
+        raise SpecError(f"The grid of '{name}' has {points:,} points ({' x '.join(str(len(v)) for v in grid.values())}); "
+                        f"at most {MAX_GRID_POINTS:,} are allowed in one component.")
     keys = list(grid)
     combos = list(itertools.product(*(grid[k] for k in keys)))
     refs = []
@@ -110,6 +121,11 @@ def _expand(name: str, grid: dict[str, list[Any]], original: str | None = None) 
 
 def parse_components(text: str) -> list[ComponentRef]:
     """A comma-separated list of components, each possibly a grid."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # labels go into the store, the exports and the terminal as UTF-8
+        raise SpecError(f"{text!r} is not valid text ({e.reason} at position {e.start}); undecodable bytes "
+                        "in the command line or spec file?") from e
     refs: list[ComponentRef] = []
     for item in _split_top_level(text, ","):
         refs.extend(parse_component(item))
@@ -146,8 +162,10 @@ class BenchSpec(BaseModel):
     datasets: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="photos")])
     defenses: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="none")])
     attacks: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="ig")])
+    #: What each attacked client uploads; the default is the paper's threat model.
+    clients: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="gradient")])
     profile: Literal["quick", "paper"] = Field("quick", description="budget preset the other values start from")
-    victims: int = Field(8, ge=1, description="images attacked per cell")
+    victims: int = Field(8, ge=1, description="attacked uploads (victims) per cell and client")
     iterations: int = Field(5000, ge=1, description="attack iteration cap per victim")
     rounds: int = Field(0, ge=0, description="federated training rounds before the attack")
     patience: int = Field(40, ge=1, description="early stopping: rounds without a better validation loss")
@@ -174,14 +192,14 @@ class BenchSpec(BaseModel):
             raise ValueError(f"--attack-at {self.attack_at} is after the last of --rounds {self.rounds}")
         return self
 
-    @field_validator("models", "datasets", "defenses", "attacks", mode="before")
+    @field_validator("models", "datasets", "defenses", "attacks", "clients", mode="before")
     @classmethod
     def _components(cls, value: Any, info) -> Any:
         if isinstance(value, (str, dict)) or (isinstance(value, list) and value and not isinstance(value[0], ComponentRef)):
             return _from_spec_value(value, info.field_name)
         return value
 
-    @field_validator("models", "datasets", "defenses", "attacks")
+    @field_validator("models", "datasets", "defenses", "attacks", "clients")
     @classmethod
     def _not_empty(cls, value: list[ComponentRef], info) -> list[ComponentRef]:
         if not value:
@@ -194,9 +212,9 @@ class BenchSpec(BaseModel):
 
 
 #: Budgets of `--profile`. quick is BenchSpec's defaults (a laptop CPU); paper is the paper's
-#: protocol: 128 victims, a 20,000-iteration cap (the attacks' plateau and stopping rules scale
-#: with it: lr x0.1 after 400 iterations without improvement, stop after 4,000), 300 rounds of
-#: FedAvg with early stopping after 40 rounds without a better validation loss, 3 seeds.
+#: protocol: 128 victims, a 20,000-iteration cap, 300 rounds of FedAvg with early stopping after
+#: 40 rounds without a better validation loss, 3 seeds. A component's own protocol settings for a
+#: profile are its `profile_params` (ig/ignore: the paper's schedule, lr 1, TV 0.01).
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {},
     "paper": {"victims": 128, "iterations": 20_000, "rounds": 300, "patience": 40, "seeds": 3},

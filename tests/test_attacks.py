@@ -11,6 +11,7 @@ from gileak.default_plugins.models import CNN
 from gileak.engine.labels import recover_labels
 from gileak.errors import NotApplicableError
 from gileak.nets import first_stochastic_cut
+from gileak.noise import standard_normal
 from gileak.threat import Target, shared_gradients
 
 
@@ -170,3 +171,178 @@ def test_dlg_with_its_line_search_gets_further_than_without():
     stalled = DLG(line_search=0).attack(target, seeds=[5, 6], max_iterations=15)
     searched = DLG().attack(target, seeds=[5, 6], max_iterations=15)
     assert stalled.final_loss[0] > 0.1 > 1e-3 > searched.final_loss[0]  # measured: 0.60 against 1.9e-4
+
+
+# --- Ignore's cut follows the forward pass; gradient subsets (exclude=) ----------------------
+
+from gileak.bottlenecks import ConvBottleneck  # noqa: E402
+from gileak.errors import ParamsError  # noqa: E402
+
+
+class BottlenecksRegisteredBackwards(nn.Module):
+    """Two CVBs registered in the opposite order to their use: `late` first, `early` runs first."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = ConvBottleneck((4, 6, 6), 3, 2, beta=0.1)
+        self.head = nn.Linear(144, 3)
+        self.early = ConvBottleneck((4, 6, 6), 3, 2, beta=0.1)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        features = self.late(self.early(torch.relu(self.stem(x))))
+        return self.head(features.flatten(1))
+
+
+def tiny_target(net, n=2, shape=(1, 6, 6), classes=3):
+    torch.manual_seed(0)
+    images = torch.rand(n, *shape, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 0, 1][:n])
+    gradients = shared_gradients(net, NoDefense(), images, labels)
+    return Target(net=net, shared_gradient=gradients, input_shape=shape, num_classes=classes, labels=labels)
+
+
+def test_ignore_cuts_before_the_decoder_of_the_bottleneck_that_runs_first_not_the_one_registered_first():
+    torch.manual_seed(0)
+    net = BottlenecksRegisteredBackwards().train()
+    assert next(name for name, m in net.named_modules() if getattr(m, "stochastic", False)) == "late"
+    cut = first_stochastic_cut(net, (1, 6, 6))
+    assert cut == ["stem.weight", "stem.bias", "early.mu.weight", "early.sigma.weight"]
+    result = Ignore().attack(tiny_target(net), seeds=[0, 1], max_iterations=2)
+    assert "matched 4 of 10" in result.note
+
+
+class NoiseWithoutDecoderParameters(nn.Module):
+    """Declares a decoder but has none with parameters: the cut before it is undefined."""
+
+    stochastic = True
+    decoder_prefixes = ("decoder",)
+
+    def forward(self, x):
+        return x + standard_normal(x) if self.training else x
+
+
+class PlainNoise(nn.Module):
+    """Stochastic, no decoder declared, no parameters: everything after it is affected."""
+
+    stochastic = True
+
+    def forward(self, x):
+        return x + standard_normal(x) if self.training else x
+
+
+def test_a_declared_decoder_without_parameters_makes_ignore_not_applicable_instead_of_matching_everything():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), NoiseWithoutDecoderParameters(), nn.Linear(8, 3)).train()
+    with pytest.raises(NotApplicableError, match="decoder"):
+        first_stochastic_cut(net, (1, 6, 6))
+    with pytest.raises(NotApplicableError, match="no trainable parameter"):
+        Ignore().attack(tiny_target(net), seeds=[0, 1], max_iterations=1)
+    with pytest.raises(NotApplicableError):
+        IDLG(labels="known", ignore_stochastic=True).attack(tiny_target(net), seeds=[0, 1], max_iterations=1)
+
+
+def test_a_stochastic_module_without_a_decoder_is_cut_where_it_runs():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), PlainNoise(), nn.Linear(8, 3)).train()
+    assert first_stochastic_cut(net, (1, 6, 6)) == ["1.weight", "1.bias"]
+
+
+def tiny_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+
+
+def garbage_in(target, names):
+    """The same target with the shared gradients of `names` replaced by noise of another scale."""
+    gradients = dict(target.shared_gradient)
+    for name in names:
+        gradients[name] = 1e3 * torch.randn(gradients[name].shape, generator=torch.Generator().manual_seed(7))
+    return Target(net=target.net, shared_gradient=gradients, input_shape=target.input_shape,
+                  num_classes=target.num_classes, labels=target.labels)
+
+
+@pytest.mark.parametrize("attack", [InvertingGradients(exclude="3"), Ignore(exclude="3.weight+3.bias"),
+                                    IDLG(labels="known", exclude="3"), CPL(labels="known", exclude=3),
+                                    DLG(exclude="3", line_search=3)])
+def test_excluded_gradients_are_not_matched(attack):
+    target = tiny_target(tiny_classifier())
+    honest = attack.attack(target, seeds=[0, 1], max_iterations=4)
+    spoiled = attack.attack(garbage_in(target, ["3.weight", "3.bias"]), seeds=[0, 1], max_iterations=4)
+    torch.testing.assert_close(spoiled.images, honest.images, rtol=0, atol=0)
+    assert spoiled.final_loss == honest.final_loss
+    assert "matched 2 of 4" in honest.note and "excluded: 3" in honest.note
+    # without exclude= the garbage is matched, and the result changes
+    plain = type(attack)(**{k: v for k, v in attack.params.model_dump().items() if k != "exclude"})
+    assert plain.attack(target, seeds=[0, 1], max_iterations=4).final_loss != \
+        plain.attack(garbage_in(target, ["3.weight", "3.bias"]), seeds=[0, 1], max_iterations=4).final_loss
+
+
+def test_exclude_reads_names_joined_by_plus_and_refuses_malformed_ones():
+    assert InvertingGradients(exclude="8.body.0.decoder+10").params.exclude == ("8.body.0.decoder", "10")
+    assert IDLG(exclude=10).params.exclude == ("10",)
+    assert CPL(exclude=["0", "3.bias"]).params.exclude == ("0", "3.bias")
+    assert DLG().params.exclude == ()
+    for bad in ("8.body.0.decoder++10", "10+10", True, "+"):
+        with pytest.raises(ParamsError):
+            InvertingGradients(exclude=bad)
+
+
+def test_an_unknown_layer_name_is_a_params_error_that_lists_the_layers():
+    from gileak.default_plugins.defenses import Precode
+
+    torch.manual_seed(0)
+    net = CNN().build((1, 32, 32), 10)
+    Precode(position=3).apply(net)
+    target = tiny_target(net, shape=(1, 32, 32), classes=10)
+    with pytest.raises(ParamsError) as info:
+        InvertingGradients(exclude="8.body.0.decodr").attack(target, seeds=[0, 1], max_iterations=1)
+    message = str(info.value)
+    assert "did you mean '8.body.0.decoder'" in message
+    assert "0, 3, 6, 8.body.0.encoder, 8.body.0.decoder, 10" in message
+
+
+def test_excluding_every_gradient_is_an_error_also_after_ignores_cut():
+    from gileak.default_plugins.defenses import CVB
+
+    torch.manual_seed(0)
+    net = CNN().build((1, 32, 32), 10)
+    CVB().apply(net)
+    target = tiny_target(net, shape=(1, 32, 32), classes=10)
+    with pytest.raises(ParamsError, match="leaves no gradient"):
+        InvertingGradients(exclude="0+2+3+6+10").attack(target, seeds=[0, 1], max_iterations=1)
+    # the cut keeps conv 0, mu and sigma; 0 and the whole bottleneck excluded leave nothing
+    with pytest.raises(ParamsError, match="after the cut"):
+        Ignore(exclude="0+2").attack(target, seeds=[0, 1], max_iterations=1)
+
+
+def test_exclude_composes_with_ignores_cut():
+    from gileak.default_plugins.attacks import _kept
+    from gileak.default_plugins.defenses import CVB
+
+    torch.manual_seed(0)
+    net = CNN().build((1, 32, 32), 10)
+    CVB().apply(net)
+    keep, note = _kept(net, (1, 32, 32), True, ("0",), "ignore")
+    assert keep == ("2.body.0.mu.weight", "2.body.0.sigma.weight")
+    assert "matched 2 of" in note
+    keep, _ = _kept(net, (1, 32, 32), False, ("2.body.0.decoder", "10"), "ig")
+    assert "2.body.0.decoder.weight" not in keep and "10.weight" not in keep and "6.weight" in keep
+
+
+def test_exclude_is_checked_at_plan_time_and_is_part_of_the_attacks_identity(capsys):
+    from gileak.cli import main
+    from gileak.runner import attack_id, plan
+    from gileak.spec import build_spec
+
+    spec = build_spec(datasets="digits", models="cnn", defenses="none,precode(position=3)",
+                      attacks="ig(exclude=8.body.0.decoder)")
+    with pytest.raises(ParamsError, match=r"on cnn \+ none \(digits\).*8.body.0.decoder"):
+        plan(spec)  # the undefended CNN has no such layer: stopped before any work
+    spec = build_spec(datasets="digits", models="cnn", defenses="precode(position=3)",
+                      attacks="ig,ig(exclude=8.body.0.decoder+10),ignore(exclude=6)")
+    ids = [attack_id(a) for a in plan(spec).cells[0].attacks]
+    assert len(set(ids)) == 3 and '"exclude":["8.body.0.decoder","10"]' in ids[1]
+    assert [a.label for a in plan(spec).cells[0].attacks][1] == "ig(exclude=8.body.0.decoder+10)"
+    code = main(["bench", "--datasets", "digits", "--defenses", "precode(position=3)",
+                 "--attacks", "ig(exclude=8.body.0.decodr)", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean" in err.replace("\n", " ") and "Traceback" not in err

@@ -8,7 +8,7 @@ from PIL import Image
 from gileak import data
 from gileak.cli import main
 from gileak.default_plugins.datasets import LFW, Digits, Folder, Photos
-from gileak.errors import DataUnavailableError, UserInputError
+from gileak.errors import DataUnavailableError, ParamsError, UserInputError
 from gileak.fl import FLConfig
 
 
@@ -88,14 +88,55 @@ def test_folder_reads_an_imagefolder_tree(tmp_path):
     assert red[:, 0].mean() > 0.7 and red[:, 2].mean() < 0.2
 
 
-def test_folder_reads_a_flat_folder_as_one_class_and_flattens_transparency(tmp_path):
+def test_folder_reads_a_flat_folder_as_class_0_of_ten_and_flattens_transparency(tmp_path):
     write_png(tmp_path / "a.png", colour=(0, 0, 0, 0), mode="RGBA")  # fully transparent -> white
     write_png(tmp_path / "b.png")
     dataset = Folder(path=str(tmp_path), size=8, channels=1, test_fraction=0)
-    assert dataset.info().num_classes == 1
+    info = dataset.info()
+    assert info.num_classes == 10 and len(info.class_names) == 10  # a one-output model has nothing to attack
+    assert (info.train_size, info.test_size) == (2, 0)
     splits = dataset.load()
     assert splits.train_images.shape == (2, 1, 8, 8)
+    assert splits.train_labels.tolist() == [0, 0]
     assert splits.train_images[0].min() > 0.99
+    assert Folder(path=str(tmp_path), classes=3).info().num_classes == 3
+
+
+def test_folder_tree_keeps_its_class_count_and_classes_may_only_add(tmp_path):
+    for i in range(3):
+        write_png(tmp_path / "cats" / f"{i}.png")
+        write_png(tmp_path / "dogs" / f"{i}.png")
+        write_png(tmp_path / "owls" / f"{i}.png")
+    assert Folder(path=str(tmp_path)).info().num_classes == 3
+    assert Folder(path=str(tmp_path), classes=5).info().num_classes == 5
+    with pytest.raises(UserInputError, match="classes=2.*3 class sub-folders"):
+        Folder(path=str(tmp_path), classes=2).info()
+    with pytest.raises(ParamsError, match="classes"):
+        Folder(path=str(tmp_path), classes=1)
+
+
+def test_a_one_class_tree_is_bad_input_unless_classes_is_given(tmp_path):
+    for i in range(4):
+        write_png(tmp_path / "only" / f"{i}.png")
+    with pytest.raises(UserInputError, match="one-class task"):
+        Folder(path=str(tmp_path)).info()
+    assert Folder(path=str(tmp_path), classes=10).info().num_classes == 10
+
+
+@pytest.mark.parametrize("counts,fraction", [([5, 5], 0.2), ([1, 7, 2], 0.25), ([3], 0.0), ([1], 0.5), ([9, 1], 0.5)])
+def test_folder_declares_the_split_sizes_its_load_makes(tmp_path, counts, fraction):
+    for label, count in enumerate(counts):
+        for i in range(count):
+            write_png((tmp_path / f"c{label}" if len(counts) > 1 else tmp_path) / f"{i}.png", size=(6, 6))
+    dataset = Folder(path=str(tmp_path), size=4, test_fraction=fraction)
+    info, splits = dataset.info(), dataset.load()
+    assert (info.train_size, info.test_size) == (len(splits.train_images), len(splits.test_images))
+
+
+@pytest.mark.parametrize("dataset", [Digits(), LFW(), Photos(grid=2), Photos()])
+def test_offline_datasets_declare_the_split_sizes_they_load(dataset):
+    info, splits = dataset.info(), dataset.load()
+    assert (info.train_size, info.test_size) == (len(splits.train_images), len(splits.test_images))
 
 
 def test_folder_info_does_not_read_pixels(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck, gaussian_kl
-from gileak.default_plugins.defenses import CVB, DPSGD, GradientCompression, NoBias, Precode, Quantization
+from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck, cvb_reference_kl, gaussian_kl
+from gileak.default_plugins.defenses import (CVB, DPSGD, GradientCompression, NoBias, Precode, Quantization,
+                                             latent_channels)
 from gileak.default_plugins.models import CNN
 from gileak.errors import ParamsError
 from gileak.nets import count_trainable, first_stochastic_cut, is_stochastic, slots
@@ -166,15 +167,88 @@ def test_kl_is_nonnegative_zero_at_the_prior_and_becomes_aux_loss():
     for _ in range(5):
         mu, sigma = torch.randn(4, 8), torch.rand(4, 8) * 3 + 1e-3
         assert gaussian_kl(mu, sigma).item() >= 0
-    # Summed over latent elements, averaged over the batch.
+    # Summed over the channels (dim 1), averaged over the batch and the positions: 8 channels of
+    # KL 0.5 at every position of the first of two images.
     mu = torch.zeros(2, 8, 3, 3)
     mu[0] = 1.0
-    assert gaussian_kl(mu, torch.ones_like(mu)).item() == pytest.approx(0.5 * 72 / 2)
+    assert gaussian_kl(mu, torch.ones_like(mu)).item() == pytest.approx(8 * 0.5 / 2)
     module = PrecodeBottleneck((16, 5, 5), 8, beta=0.5)
     module(torch.rand(3, 16, 5, 5))
     assert module.aux_loss.item() >= 0 and module.aux_loss.requires_grad
 
 
+def test_the_cvb_reference_term_is_the_authors_on_a_hand_computed_tensor():
+    """-1/2 sum_c (1 + s - mu^2 - e^s), averaged over batch and positions (their EncoderBase.loss)."""
+    mu = torch.tensor([[[[0.0, 1.0]], [[2.0, 0.0]]]])  # (batch 1, channels 2, h 1, w 2)
+    s = torch.tensor([[[[0.0, 1.0]], [[0.5, 0.0]]]])
+    # position 0: channel 1 gives -1/2 (1 + 0.5 - 4 - e^0.5); position 1: channel 0, -1/2 (1 + 1 - 1 - e)
+    expected = ((2.5 + math.exp(0.5)) / 2 + (math.e - 1) / 2) / 2
+    assert cvb_reference_kl(mu, s).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(1.4667508, rel=1e-6)
+    # Smallest at s = 0 (sigma -> 0 noise), not at sigma = 1 as the Gaussian KL.
+    zero = torch.zeros(1, 1, 1, 1)
+    assert cvb_reference_kl(zero, zero).item() == 0.0
+    assert cvb_reference_kl(zero, torch.ones_like(zero)).item() > 0
+
+
+@pytest.mark.parametrize("kl", ["reference", "gaussian"])
+def test_the_cvb_module_takes_its_term_from_its_own_sampling_sigma(kl):
+    torch.manual_seed(0)
+    module = ConvBottleneck((4, 3, 3), 3, 2, beta=0.3, kl=kl)
+    with torch.no_grad():
+        module.sigma.weight.mul_(40)  # raw outputs beyond the clip at +-5
+    features = torch.randn(5, 4, 3, 3)
+    module.train()
+    module(features)
+    raw = module.sigma(features)
+    assert raw.abs().max() > 5
+    mu, sigma = module.mu(features), torch.nn.functional.softplus(raw.clamp(-5, 5))
+    if kl == "reference":
+        term = (-0.5 * (1 + sigma - mu**2 - sigma.exp())).sum(1).mean()
+    else:
+        normal = torch.distributions.Normal
+        term = torch.distributions.kl_divergence(normal(mu, sigma), normal(0.0, 1.0)).sum(1).mean()
+    torch.testing.assert_close(module.aux_loss, 0.3 * term)
+    assert CVB().params.kl == "reference"
+    assert build(CVB(kl=kl)).get_submodule("2.body.0").kl == kl
+    with pytest.raises(ParamsError):
+        CVB(kl="textbook")
+
+
+def test_the_gaussian_term_is_torch_distributions_kl_summed_over_channels_averaged_over_the_rest():
+    torch.manual_seed(1)
+    mu, sigma = torch.randn(3, 5, 4, 2), torch.rand(3, 5, 4, 2) * 2 + 0.05
+    normal = torch.distributions.Normal
+    reference = torch.distributions.kl_divergence(normal(mu, sigma), normal(0.0, 1.0))
+    torch.testing.assert_close(gaussian_kl(mu, sigma), reference.sum(dim=1).mean())
+    torch.testing.assert_close(gaussian_kl(mu[:, :, 0, 0], sigma[:, :, 0, 0]),
+                               reference[:, :, 0, 0].sum(dim=1).mean())
+
+
+def test_precode_takes_its_authors_kl_summed_over_k_averaged_over_the_batch_in_bits():
+    torch.manual_seed(2)
+    module = PrecodeBottleneck((6,), 4, beta=0.2)
+    features = torch.randn(7, 6)
+    module(features)
+    mu, raw = module.encoder(features).chunk(2, dim=1)
+    sigma = torch.nn.functional.softplus(raw)
+    normal = torch.distributions.Normal
+    kl = torch.distributions.kl_divergence(normal(mu, sigma), normal(0.0, 1.0)).sum(dim=1).mean()
+    torch.testing.assert_close(module.aux_loss, 0.2 * kl / math.log(2))
+    # their expression, -1/2 (1 + 2 log sigma - mu^2 - sigma^2) summed over K, batch mean, / ln 2
+    theirs = (-0.5 * (1 + 2 * sigma.log() - mu.pow(2) - sigma.pow(2))).sum(1).mean().div(math.log(2))
+    torch.testing.assert_close(module.aux_loss, 0.2 * theirs)
+    assert Precode().params.beta == 1e-3  # their VariationalBottleneck's default
+
+
+@pytest.mark.parametrize(("channels", "scale", "latent"), [
+    (16, 0.5, 8), (32, 0.5, 16), (64, 0.5, 32), (65, 0.5, 32), (11, 0.5, 5),  # the authors' c // 2
+    (3, 0.5, 8), (6, 0.5, 8),  # the authors' 8 below 8 channels
+    (16, 1 / 16, 1), (16, 0.25, 4), (16, 1, 16), (16, 2, 32), (16, 4, 64),  # the paper's Fig. 9(c) sweep
+    (100, 0.29, 29), (4, 4, 16), (16, 0.01, 1),
+])
+def test_cvb_latent_channels_follow_the_authors_and_the_papers_sweep(channels, scale, latent):
+    assert latent_channels(channels, scale) == latent
 def _per_sample_clipped_mean(net, images, labels, clip):
     none = build_defense("none")
     grads = [client_gradient(net, none, images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]

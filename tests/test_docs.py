@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-DOC_FILES = ("getting-started.md", "cli.md", "writing-plugins.md", "hooks.md")
+DOC_FILES = ("getting-started.md", "cli.md", "writing-plugins.md", "hooks.md", "security.md", "threat-models.md")
 
 
 def _read(name: str) -> str:
@@ -216,6 +216,27 @@ def test_attack_examples_register_and_run(index, tiny_target):
             cls().attack(unlabeled, seeds=[1, 2], max_iterations=1)
 
 
+def test_the_stochastic_module_example_gets_per_victim_noise_and_ignores_cut():
+    import torch
+    from torch import nn
+
+    from gileak.default_plugins.defenses import NoDefense
+    from gileak.nets import first_stochastic_cut
+    from gileak.threat import shared_gradients
+
+    block = next(b for b in _python_blocks(_read("writing-plugins.md")) if "class NoisyBottleneck" in b)
+    bottleneck = _exec_block(block)["NoisyBottleneck"]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bottleneck(4, 2), nn.Flatten(), nn.Linear(144, 3)).train()
+    assert first_stochastic_cut(net, (1, 6, 6)) == ["0.weight", "0.bias", "1.encoder.weight"]
+    images, labels = torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 2])
+    batch = shared_gradients(net, NoDefense(), images, labels, seeds=[4, 5, 6])
+    alone = shared_gradients(net, NoDefense(), images[1:2], labels[1:2], seeds=[5])
+    assert torch.equal(batch["1.decoder.weight"][1], alone["1.decoder.weight"][0])
+    other = shared_gradients(net, NoDefense(), images[1:2], labels[1:2], seeds=[7])
+    assert not torch.equal(other["1.decoder.weight"][0], alone["1.decoder.weight"][0])
+
+
 def test_defense_model_dataset_examples_work():
     import torch
 
@@ -256,6 +277,42 @@ def test_defense_model_dataset_examples_work():
         assert slots(net)
 
 
+@pytest.mark.parametrize("doc", ["writing-plugins.md", "hooks.md"])
+def test_client_examples_register_upload_and_simulate_their_upload(doc):
+    """Each client example registers, and its simulation on the true images is its upload in
+    gradient units; the built-in attacks run on it (they declare handles_clients)."""
+    import torch
+    from torch import nn
+
+    from gileak import Client
+    from gileak.default_plugins.attacks import InvertingGradients
+    from gileak.default_plugins.defenses import NoDefense
+    from gileak.registry import Registry
+    from gileak.threat import Target, shared_gradients
+
+    blocks = [b for b in _python_blocks(_read(doc)) if "(Client)" in b]
+    assert blocks, f"{doc} shows no client"
+    for block in blocks:
+        for cls in _registered(_exec_block(block), "register_clients"):
+            assert issubclass(cls, Client) and cls.description
+            Registry().add("client", cls, "docs-example")
+            client = cls()
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+            count = client.images_per_victim()
+            images = torch.rand(2 * count, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+            labels = torch.arange(2 * count) % 3
+            uploads = shared_gradients(net, NoDefense(), images, labels, client=client)
+            target = Target(net=net, shared_gradient=uploads, input_shape=(1, 4, 4), num_classes=3, labels=labels,
+                            client=client)
+            simulated = target.simulate(target.params, target.frozen, images[:count], labels[:count],
+                                        list(target.params))
+            for name, value in target.shared_in_gradient_units().items():
+                torch.testing.assert_close(simulated[name], value[0], atol=1e-6, rtol=1e-4)
+            result = InvertingGradients().attack(target, seeds=[0, 1], max_iterations=2)
+            assert result.images.shape == (2 * count, 1, 4, 4)
+
+
 def test_every_builtin_component_and_parameter_is_in_components_md():
     from gileak import registry
 
@@ -273,17 +330,16 @@ def test_every_builtin_component_and_parameter_is_in_components_md():
 # --- reproducing.md ---------------------------------------------------------------------------
 
 
-def _reproduction_commands() -> list[list[str]]:
+def _reproduction_commands(text: str | None = None) -> list[list[str]]:
     import shlex
 
-    text = _read("reproducing.md")
+    text = _read("reproducing.md") if text is None else text
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
     return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("gileak ")]
 
 
-def test_every_reproduction_command_parses_and_plans_without_data():
-    """Each `gileak bench` line of docs/reproducing.md is a valid command whose matrix plans
-    (names, parameters, grids, budgets) — without running it or needing the datasets."""
+def _planned_reproductions():
+    """(argv, plan) of each `gileak bench` line of docs/reproducing.md."""
     import typer.main
 
     from gileak.cli import app
@@ -291,19 +347,87 @@ def test_every_reproduction_command_parses_and_plans_without_data():
     from gileak.spec import build_spec
 
     group = typer.main.get_command(app)
-    commands = _reproduction_commands()
-    benches = [c for c in commands if c[1] == "bench"]
-    assert len(benches) >= 9
     not_spec = {"dry_run", "executor", "ray_address", "workers"}
-    for argv in benches:
+    planned = []
+    for argv in (c for c in _reproduction_commands() if c[1] == "bench"):
         context = group.commands["bench"].make_context("bench", argv[2:])
         params = {k: v for k, v in context.params.items() if k not in not_spec}
         params["exports"] = params.pop("export") or None
         spec = build_spec(params.pop("spec"), **params)
+        planned.append((argv, spec, plan(spec, check_data=False)))
+    return planned
+
+
+def test_every_reproduction_command_parses_and_plans_without_data():
+    """Each `gileak bench` line of docs/reproducing.md is a valid command whose matrix plans
+    (names, parameters, grids, budgets) — without running it or needing the datasets — and
+    computes each point once."""
+    import typer.main
+
+    from gileak.cli import app
+    from gileak.runner import cell_id
+
+    group = typer.main.get_command(app)
+    commands = _reproduction_commands()
+    planned = _planned_reproductions()
+    assert len(planned) >= 16
+    for argv, spec, found in planned:
         assert spec.profile == "paper", argv
-        assert plan(spec, check_data=False).cells, argv
+        assert found.cells, argv
+        ids = [cell_id(cell) for cell in found.cells]
+        assert len(ids) == len(set(ids)), f"{argv} plans one cell twice under two labels"
     for argv in commands:
         assert argv[1] in {"bench", "leaderboard", "inspect", "data"}, argv
         context = group.commands[argv[1]]
         if argv[1] != "data":
             context.make_context(argv[1], argv[2:])  # parses
+
+
+def test_table_i_commands_exclude_layers_the_defended_models_have():
+    """Table I's `exclude=` names are checked at plan time against the defended CNN built on
+    CIFAR-10's declared shape (no data needed): a misspelt layer would stop the bench."""
+    import typer.main
+
+    from gileak.cli import app
+    from gileak.errors import ParamsError
+    from gileak.runner import plan
+    from gileak.spec import build_spec
+
+    group = typer.main.get_command(app)
+    section = _read("reproducing.md").split("## Table I ", 1)[1].split("\n## ", 1)[0]
+    table1 = [c for c in _reproduction_commands(section) if c[1] == "bench"]
+    assert len(table1) == 3 and sum("exclude=" in " ".join(c) for c in table1) == 2
+
+    def planned(argv):
+        params = group.commands["bench"].make_context("bench", argv[2:]).params
+        spec = build_spec(None, datasets=params["datasets"], models=params["models"],
+                          defenses=params["defenses"], attacks=params["attacks"], profile="paper")
+        return plan(spec, check_data=False)
+
+    for argv in table1:
+        labels = [a.label for a in planned(argv).cells[0].attacks]
+        assert all(label.startswith(("ig", "ignore")) for label in labels)
+        if "exclude=" in " ".join(argv):
+            misspelt = [a.replace(".body.0.decoder", ".body.0.decodr") for a in argv]
+            with pytest.raises(ParamsError, match="did you mean"):
+                planned(misspelt)
+
+
+def test_every_published_row_has_a_planned_twin_in_reproducing_md():
+    """Every cell (and attack) of the paper's Tables I-XII that gileak transcribed is planned,
+    with the same canonical identity, by some command of docs/reproducing.md."""
+    from gileak import paper
+    from gileak.runner import attack_id, cell_id
+
+    planned_cells, planned = set(), set()
+    for _, _, found in _planned_reproductions():
+        for cell in found.cells:
+            cid = cell_id(cell).rsplit(" | seed=", 1)[0]
+            planned_cells.add(cid)
+            planned.update((cid, attack_id(attack)) for attack in cell.attacks)
+    missing = []
+    for entry, cell, attack in paper._indexed():
+        cid = " | ".join(cell)
+        if (cid not in planned_cells) if attack is None else ((cid, attack) not in planned):
+            missing.append(f"Table {entry.table} {entry.row}: {entry.dataset} {entry.model} {entry.defense} {entry.attack}")
+    assert not missing, "\n".join(missing)

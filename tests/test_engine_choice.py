@@ -222,3 +222,22 @@ def test_a_batched_engine_that_fails_in_the_probe_leaves_the_attack_to_the_loop(
 
     with pytest.raises(NotApplicableError):  # the attack's own verdict, not a probe failure
         choice.choose(Refusing(), batch_norm_target(), [0, 1, 2])
+
+
+def test_victims_of_several_images_are_chosen_for_by_their_own_path(monkeypatch):
+    """A client's victims hold M images each: the rule's one-iteration look takes each victim's
+    M labels (not one), a batch's gradient stays on the chain step, local steps go to vmap."""
+    from test_clients import target_for
+
+    from gileak.default_plugins.clients import FedAvgClient, GradientClient
+
+    monkeypatch.setattr(choice, "_rate", lambda *args: pytest.fail("probed"))
+    batch, _ = target_for(GradientClient(batch=4), victims=3)
+    chosen = choice.choose(InvertingGradients(), batch, [0, 1, 2])
+    assert (chosen.engine, chosen.path) == ("batched", "chain")
+    local, _ = target_for(FedAvgClient(batch=2, steps=2), victims=3)
+    chosen = choice.choose(InvertingGradients(), local, [0, 1, 2])
+    assert (chosen.engine, chosen.path) == ("batched", "vmap")
+    assert choice._subset(local, 2).labels.tolist() == local.labels[:8].tolist()
+    one, _ = target_for(FedAvgClient(batch=2, steps=2), victims=1)
+    assert choice.choose(InvertingGradients(), one, [0]).engine == "loop"

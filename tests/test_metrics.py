@@ -77,6 +77,9 @@ def test_lpips_computes_when_alexnet_weights_are_present(tmp_path, monkeypatch):
     checkpoint = tmp_path / "hub" / "checkpoints" / metrics.ALEXNET_CHECKPOINT
     checkpoint.parent.mkdir(parents=True)
     torch.save(torchvision.models.alexnet().state_dict(), checkpoint)
+    import hashlib  # a stand-in file: let it through the check that only torchvision's weights are used
+
+    monkeypatch.setattr(metrics, "ALEXNET_SHA256_PREFIX", hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:8])
     assert metrics.lpips_status()[0]
 
     x = images(size=32)
@@ -87,3 +90,53 @@ def test_lpips_computes_when_alexnet_weights_are_present(tmp_path, monkeypatch):
     assert all(0 < a < b for a, b in zip(slightly, very))
     grey = metrics.lpips_distances(images(c=1, size=8), images(c=1, size=8, seed=1))
     assert len(grey) == 4 and all(v > 0 for v in grey)
+
+
+# --- batches: matching reconstructions to originals ----------------------------------------------
+
+
+def test_pairwise_ssim_agrees_with_ssim():
+    from gileak.metrics import pairwise_ssim, ssim
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((3, 32, 32), (1, 8, 8), (1, 5, 5)):
+        originals = torch.rand(4, *shape, generator=generator)
+        reconstructions = (originals.flip(0) + 0.2 * torch.randn(4, *shape, generator=generator))
+        table = pairwise_ssim(reconstructions, originals)
+        assert table.shape == (4, 4)
+        for i in range(4):
+            expected = ssim(reconstructions[i].expand(4, *shape), originals)
+            assert torch.allclose(table[i], torch.tensor(expected, dtype=torch.float64), atol=2e-5), shape
+
+
+def test_a_shuffled_batch_is_matched_back_exactly():
+    from gileak.metrics import match_reconstructions
+
+    generator = torch.Generator().manual_seed(1)
+    originals = torch.rand(6, 3, 16, 16, generator=generator)
+    shuffle = torch.randperm(6, generator=generator)
+    reconstructions = (originals[shuffle] + 0.05 * torch.randn(6, 3, 16, 16, generator=generator)).clamp(0, 1)
+    order = match_reconstructions(reconstructions, originals)
+    assert torch.equal(shuffle[order], torch.arange(6))
+    # Per victim: (N, B, C, H, W) -> (N, B).
+    batches = torch.stack([reconstructions, reconstructions.flip(0)])
+    orders = match_reconstructions(batches, originals.expand(2, -1, -1, -1, -1))
+    assert orders.shape == (2, 6)
+    assert torch.equal(orders[0], order) and torch.equal(orders[1], 5 - order)
+
+
+def test_matching_identical_constant_or_broken_images_does_not_crash():
+    from gileak.metrics import match_reconstructions
+
+    same = torch.full((4, 1, 8, 8), 0.5)
+    order = match_reconstructions(same, same.clone())
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    broken = torch.rand(3, 1, 8, 8)
+    broken[1] = float("nan")
+    order = match_reconstructions(broken, torch.rand(3, 1, 8, 8))
+    assert sorted(order.tolist()) == [0, 1, 2]
+    assert match_reconstructions(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)).tolist() == [0]
+    with pytest.raises(ValueError, match="differ in shape"):
+        match_reconstructions(torch.rand(3, 1, 8, 8), torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="too small"):
+        match_reconstructions(torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2))

@@ -15,12 +15,13 @@ from gileak.report import COLUMNS, export, render_leaderboard
 from gileak.report.figures import save_reconstruction_grid
 
 ROWS = [
-    {"dataset": "photos", "model": "cnn", "defense": "cvb(kernel=3)", "attack": "ig", "ssim_mean": 0.61234,
+    {"dataset": "photos", "model": "cnn", "defense": "cvb(kernel=3)", "client": "gradient(batch=4)", "attack": "ig",
+     "ssim_mean": 0.61234, "label_accuracy": 0.75, "label_baseline": 0.36, "images": 16,
      "ssim_std": 0.1, "asr": 75.0, "psnr_mean": math.inf, "mse_mean": 0.01, "lpips_mean": None,
      "accuracy_mean": None, "accuracy_std": None, "params": 70000, "params_added_pct": 6.1, "victims": 4,
      "seconds": 1.5, "iterations_mean": 10.0, "status": "ok", "error": None,
      "lpips_note": "LPIPS unavailable: no weights"},
-    {"dataset": "photos", "model": "cnn", "defense": "none", "attack": "broken", "ssim_mean": None,
+    {"dataset": "photos", "model": "cnn", "defense": "none", "client": "gradient", "attack": "broken", "ssim_mean": None,
      "status": "failed", "error": "RuntimeError: boom [x]\nsecond line"},
 ]
 
@@ -38,9 +39,11 @@ def test_csv_and_markdown_exports(tmp_path):
     with open(export(ROWS, tmp_path / "lb.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["attack"] == "ig" and rows[0]["ssim_mean"] == "0.61234" and rows[0]["psnr_mean"] == ""
+    assert rows[0]["client"] == "gradient(batch=4)" and rows[0]["label_accuracy"] == "0.75"
+    assert rows[0]["label_baseline"] == "0.36" and rows[0]["images"] == "16"
     md = export(ROWS, tmp_path / "lb.md").read_text()
     lines = md.splitlines()
-    assert lines[0].startswith("| dataset | model | defense | attack | ssim_mean")
+    assert lines[0].startswith("| dataset | model | defense | client | attack | ssim_mean")
     assert lines[1].count("---") == len(COLUMNS)
     assert "| cvb(kernel=3) |" in md and "0.6123" in md and "LPIPS unavailable" in md
 
@@ -58,6 +61,9 @@ def test_leaderboard_shows_rows_failures_and_the_lpips_reason():
     assert "failed: RuntimeError: boom [x]" in text and "second line" not in text
     assert "LPIPS unavailable: no weights" in text
     assert "70,000 (+6.1%)" in text
+    # the client column, label accuracy beside its label-blind baseline, and images per victim
+    assert "gradient(batch=4)" in text and "0.75 (0.36)" in text and "4 (16 img)" in text
+    assert "only the excess over it is leakage" in " ".join(text.split())
 
 
 def test_reconstruction_grid_puts_originals_above_reconstructions(tmp_path):

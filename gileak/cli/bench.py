@@ -8,11 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from gileak.cli import completion
 from gileak.cli.state import console as cli_console
-from gileak.cli.state import state
+from gileak.cli.state import state, styled
 
 
 def _default_out() -> Path:
@@ -22,6 +21,27 @@ def _default_out() -> Path:
         n += 1
         out = base.with_name(f"{base.name}-{n}")
     return out
+
+
+def _write_report(run_dir: Path, console: Console) -> None:
+    """The run's HTML report, `run_dir/report.html`. The results are stored before it is built,
+    so a report that fails loses nothing: it says why, and `gileak report DIR` builds it again."""
+    from rich.text import Text
+
+    from gileak.errors import GileakError
+    from gileak.report.html import human_size, write_report
+
+    try:
+        report = write_report(run_dir)
+    except Exception as e:
+        if state.debug:
+            raise
+        reason = str(e) if isinstance(e, GileakError) else f"{type(e).__name__}: {e}"
+        console.print(Text.assemble(("Report not written", "red"), f": {reason}; `gileak report {run_dir}` "
+                                    "builds it again."), highlight=False)
+        state.exit_code = 1
+        return
+    console.print(Text(f"Report: {report.path} ({human_size(report.size)})"), highlight=False)
 
 
 def bench(
@@ -34,8 +54,13 @@ def bench(
                                                      autocompletion=completion.defenses)] = None,
     attacks: Annotated[Optional[str], typer.Option(help="Attacks. [default: ig]",
                                                     autocompletion=completion.attacks)] = None,
+    clients: Annotated[Optional[str], typer.Option(help="What each attacked client uploads: gradient(batch=B) "
+                                                    "or fedavg(batch=B,steps=S,lr=L), each with aggregate=K "
+                                                    "for secure aggregation. [default: gradient, the paper's "
+                                                    "batch=1]", autocompletion=completion.clients)] = None,
     spec: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec file; flags override its values.")] = None,
-    victims: Annotated[Optional[int], typer.Option(help="Images attacked per cell. [default: 8]")] = None,
+    victims: Annotated[Optional[int], typer.Option(help="Attacked uploads (victims) per cell and client; "
+                                                   "each holds the client's images. [default: 8]")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="Attack iteration cap per victim. [default: 5000]")] = None,
     profile: Annotated[Optional[str], typer.Option(help="Budget preset: quick (a laptop CPU: 8 victims x 5000 "
                                                        "iterations, no training) or paper (128 victims x 20000, "
@@ -76,15 +101,17 @@ def bench(
     from gileak.spec import build_spec
 
     bench_spec = build_spec(
-        spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, victims=victims,
+        spec, models=models, datasets=datasets, defenses=defenses, attacks=attacks, clients=clients,
+        victims=victims,
         iterations=iterations, rounds=rounds, seeds=seeds, device=device, out=out, exports=export or None,
         trace=trace, attack_at=attack_at, data_root=data_root, profile=profile, patience=patience,
     )
     if executor not in ("local", "ray"):
         raise UserInputError(f"Unknown executor '{executor}'. Use local or ray.")
+    from gileak.report.exporters import check_export_path
+
     for path in bench_spec.exports:
-        if path.suffix.lower() not in (".md", ".csv", ".json"):
-            raise UserInputError(f"Cannot export to '{path}': use a .md, .csv or .json file name.")
+        check_export_path(path)
     console = cli_console()
     if dry_run:
         _dry_run(bench_spec, console)
@@ -92,13 +119,21 @@ def bench(
     the_plan = plan(bench_spec)
     run_dir = bench_spec.out or _default_out()
     state.run_dir = run_dir
-    runner = Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
-                    ray_address=ray_address)
-    console.print(
-        f"[bold]gileak bench[/]: {len(the_plan.cells)} training cell(s) -> {the_plan.rows_expected} row(s); "
+    # Everything that can refuse the command (device, executor, --out, the directory's lock and
+    # budget) is checked here, before any file is written.
+    with Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
+                ray_address=ray_address) as runner:
+        _run(runner, the_plan, bench_spec, run_dir, console)
+
+
+def _run(runner, the_plan, bench_spec, run_dir: Path, console: Console) -> None:
+    console.print(styled(
+        ("gileak bench", "bold"),
+        f": {len(the_plan.cells)} training cell(s) -> {the_plan.rows_expected} row(s); "
         f"{bench_spec.victims} victims x {bench_spec.iterations} iterations per attack, "
-        f"{bench_spec.rounds} training round(s); run directory {run_dir}"
-    )
+        f"{bench_spec.rounds} training round(s); run directory {run_dir}",
+    ))
+    _say_same(the_plan, console)
     resume = runner.resume
     if resume.reused or resume.retried or resume.interrupted:
         parts = [f"{resume.reused} finished result(s) reused"]
@@ -111,7 +146,9 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        # The description holds the cell's labels: shown as written, not read as markup.
+        TextColumn("{task.description}", style="progress.description", markup=False), BarColumn(),
+        MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
     ) as progress:
         task = progress.add_task("starting", total=runner.work_units())
@@ -119,33 +156,55 @@ def bench(
         runner.describe = lambda text: progress.update(task, description=text)
         result = runner.run()
     show_result(result, run_dir, console, bench_spec.exports)
+    runner.check_directory()  # the leaderboard was drawn from a store that is still the directory's
     if result.traces:
         console.print(f"Gradient traces (CSV + PNG per cell): {run_dir / 'traces'}")
+    _write_report(run_dir, console)
     if result.failures:
         state.exit_code = 1
 
 
 def show_result(result, run_dir: Path, console: Console, exports=(), title: str = "gileak leaderboard") -> None:
     """The leaderboard, its exports and figures, notes and failures of a run directory."""
+    from gileak.errors import GileakError
     from gileak.report import export as export_rows
     from gileak.report import render_leaderboard
     from gileak.report.figures import save_privacy_utility
+    from gileak.store import write_error
 
+    def written(path: Path, write) -> Path | None:
+        try:
+            return write()
+        except OSError as e:
+            raise write_error(e, path, run_dir) from e
+
+    # The run directory's own leaderboard first: an export that fails later never costs it.
+    written(run_dir / "leaderboard.json", lambda: export_rows(result.rows, run_dir / "leaderboard.json"))
     render_leaderboard(result.rows, console=console, title=title)
     for path in exports:
-        export_rows(result.rows, path)
+        try:
+            written(path, lambda path=path: export_rows(result.rows, path))
+        except GileakError as e:
+            raise GileakError(f"{e} The leaderboard is in {run_dir / 'leaderboard.json'}; `gileak leaderboard "
+                              f"{run_dir} -o FILE` writes it again.") from e
         console.print(f"Exported {path}")
-    export_rows(result.rows, run_dir / "leaderboard.json")
     console.print(f"Reconstructions (originals above, reconstructions below): {run_dir / 'reconstructions'}")
-    figure = save_privacy_utility(result.rows, run_dir / "privacy_utility.png")
+    figure = written(run_dir / "privacy_utility.png",
+                     lambda: save_privacy_utility(result.rows, run_dir / "privacy_utility.png"))
     if figure is not None:
         console.print(f"Privacy-utility figure: {figure}")
     for where, note in result.notes:
-        console.print(f"  [yellow]note[/] {escape(where)}: {escape(note)}", highlight=False)
+        console.print(styled("  ", ("note", "yellow"), f" {where}: {note}"), highlight=False)
     if result.failures:
-        console.print(f"[bold red]{len(result.failures)} failure(s):[/]")
+        console.print(styled((f"{len(result.failures)} failure(s):", "bold red")))
         for where, reason in result.failures:
-            console.print(f"  [red]{escape(where)}[/]: {escape(reason)}", highlight=False)
+            console.print(styled("  ", (where, "red"), f": {reason}"), highlight=False)
+
+
+def _say_same(the_plan, console: Console) -> None:
+    for kind, label, kept in the_plan.same:
+        console.print(f"  {label} is the same {kind} as {kept} (the same parameters, defaults included): it is "
+                      f"run once and shown as {kept}.", markup=False, highlight=False)
 
 
 def _dry_run(bench_spec, console: Console) -> None:
@@ -156,15 +215,18 @@ def _dry_run(bench_spec, console: Console) -> None:
     from gileak.runner import pick_device, plan
 
     the_plan = plan(bench_spec, check_data=False)
-    s = bench_spec
+    s = the_plan.spec  # one spelling of each component
     device = pick_device(s.device)
-    console.print(f"[bold]gileak bench --dry-run[/] (profile {s.profile}): {len(the_plan.cells)} training cell(s) "
-                  f"-> {the_plan.rows_expected} row(s); nothing is run")
+    console.print(styled(("gileak bench --dry-run", "bold"), f" (profile {s.profile}): {len(the_plan.cells)} "
+                         f"training cell(s) -> {the_plan.rows_expected} row(s); nothing is run"))
     console.print(f"  datasets {', '.join(r.label for r in s.datasets)}; models {', '.join(r.label for r in s.models)}; "
-                  f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}")
-    console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each "
-                  f"(ig/ignore: lr x0.1 after {max(1, round(0.02 * s.iterations)):,} iterations without a better "
-                  f"loss, stop after {max(1, round(0.2 * s.iterations)):,})")
+                  f"defenses {', '.join(r.label for r in s.defenses)}; attacks {', '.join(r.label for r in s.attacks)}; "
+                  f"clients {', '.join(r.label for r in s.clients)}")
+    _say_same(the_plan, console)
+    console.print(f"  attack: {s.victims} victims per cell, up to {s.iterations:,} iterations each", highlight=False)
+    for attack in the_plan.cells[0].attacks if the_plan.cells else ():
+        if hasattr(attack.component, "schedule_text"):
+            console.print(f"    {attack.label}: {attack.component.schedule_text(s.iterations)}", highlight=False)
     training = (f"{s.rounds} FedAvg round(s), 10 clients, 1 local epoch, batch 64, early stopping after "
                 f"{s.patience} round(s) without a better validation loss" if s.rounds else "none (the "
                 "freshly initialised model is attacked)")
@@ -172,28 +234,32 @@ def _dry_run(bench_spec, console: Console) -> None:
     with console.status("probing the cost on this device"):
         estimates = estimate(the_plan, device)
     table = Table(title=f"Estimated cost on this device ({device})", title_justify="left")
-    for column in ("dataset", "model", "defense", "training", *[a.label for a in s.attacks], "total"):
+    jobs = the_plan.cells[0].jobs if the_plan.cells else []
+    # one client: a column per attack, as always; several: a column per attack and client
+    headers = [job.attack.label if len(s.clients) == 1 else job.label for job in jobs]
+    for column in ("dataset", "model", "defense", "training", *headers, "total"):
         table.add_column(column, justify="right" if column not in ("dataset", "model", "defense") else "left")
     for e in estimates:
         table.add_row(e.dataset, e.model, e.defense, human(e.train_seconds) if s.rounds else "—",
-                      *[human(e.attack_seconds.get(a.label)) for a in s.attacks], human(e.total))
+                      *[human(e.attack_seconds.get(job.label)) for job in jobs], human(e.total))
     console.print(table)
     engines = Table(title=f"Engine per attack on this device ({device}, {s.victims} victims; gileak.engine.choice)",
                     title_justify="left")
-    for column in ("dataset", "model", "defense", *[a.label for a in s.attacks]):
+    for column in ("dataset", "model", "defense", *headers):
         engines.add_column(column)
     for e in estimates:
         engines.add_row(e.dataset, e.model, e.defense,
-                        *[e.engines[a.label].label() if a.label in e.engines else "—" for a in s.attacks])
+                        *[e.engines[job.label].label() if job.label in e.engines else "—" for job in jobs])
     console.print(engines)
     console.print(f"Total: about {human(sum(e.total or 0.0 for e in estimates))} on {device}, at most: attacks stop on "
                   "a plateau and training on patience before their caps; batched attacks get cheaper per victim "
                   "as victims grow (probed with 8).")
     for e in estimates:
-        for label, chosen in e.engines.items():
-            if chosen.how in ("probe", "cache"):
-                console.print(f"  [yellow]engine[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)} | "
-                              f"{escape(label)}: {chosen.engine}, {escape(chosen.reason)}", highlight=False)
+        for label, job in zip(headers, jobs):
+            chosen = e.engines.get(job.label)
+            if chosen is not None and chosen.how in ("probe", "cache"):
+                console.print(styled("  ", ("engine", "yellow"), f" {e.dataset} | {e.model} | {e.defense} | "
+                                     f"{label}: {chosen.engine}, {chosen.reason}"), highlight=False)
         for note in dict.fromkeys(e.notes):
-            console.print(f"  [yellow]note[/] {escape(e.dataset)} | {escape(e.model)} | {escape(e.defense)}: "
-                          f"{escape(note)}", highlight=False)
+            console.print(styled("  ", ("note", "yellow"), f" {e.dataset} | {e.model} | {e.defense}: {note}"),
+                          highlight=False)

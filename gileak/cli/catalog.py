@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from gileak.cli.state import console as cli_console
 from rich.table import Table
+from rich.text import Text
+
+from gileak.cli.state import console as cli_console
 
 from gileak.errors import UserInputError
 
-KIND_ARGS = {"attacks": "attack", "defenses": "defense", "models": "model", "datasets": "dataset"}
+KIND_ARGS = {"attacks": "attack", "defenses": "defense", "models": "model", "datasets": "dataset",
+             "clients": "client"}
 
 
 def _format_default(value) -> str:
@@ -27,7 +30,7 @@ def _format_default(value) -> str:
 
 def list_components(
     kind: Annotated[
-        Optional[str], typer.Argument(help="attacks, defenses, models or datasets (all when left out).")
+        Optional[str], typer.Argument(help="attacks, defenses, models, datasets or clients (all when left out).")
     ] = None,
 ) -> None:
     """List components with their one-line description and parameters (defaults)."""
@@ -51,11 +54,11 @@ def list_components(
         table.add_column("Plugin", style="dim")
         for name in registry.names(singular):
             cls = registry.get(singular, name)
-            params = "\n".join(
-                f"{p}: {t} = {_format_default(d)}" + (f"  [dim]{desc}[/]" if desc else "")
+            params = Text("\n").join(
+                Text.assemble(f"{p}: {t} = {_format_default(d)}", (f"  {desc}" if desc else "", "dim"))
                 for p, t, d, desc in cls.parameter_table()
-            ) or "—"
-            table.add_row(name, cls.description, params, registry.owners[(singular, name)])
+            ) or Text("—")
+            table.add_row(Text(name), Text(str(cls.description)), params, Text(registry.owners[(singular, name)]))
         console.print(table)
 
 
@@ -79,6 +82,6 @@ def plugins(
     table.add_column("Status")
     for record in records:
         registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in record.registered.items()) or "—"
-        status = f"[red]failed: {record.error}[/]" if record.error else "[green]loaded[/]"
-        table.add_row(record.name, record.distribution, registered, status)
+        status = Text(f"failed: {record.error}", style="red") if record.error else Text("loaded", style="green")
+        table.add_row(Text(record.name), Text(record.distribution), Text(registered), status)
     console.print(table)

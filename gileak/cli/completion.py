@@ -25,3 +25,7 @@ def models(incomplete: str) -> list[str]:
 
 def datasets(incomplete: str) -> list[str]:
     return _complete("dataset", incomplete)
+
+
+def clients(incomplete: str) -> list[str]:
+    return _complete("client", incomplete)

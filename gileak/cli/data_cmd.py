@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from gileak.cli import completion
-from gileak.cli.state import console
+from gileak.cli.state import console, styled
 from gileak.errors import GileakError
 
 app = typer.Typer(
@@ -101,19 +101,19 @@ def list_data(
     from rich.table import Table
 
     out = console()
-    table = Table(title=f"Datasets under {escape(str(root))}", title_justify="left")
+    table = Table(title=Text(f"Datasets under {root}"), title_justify="left")
     table.add_column("dataset", style="bold")
     table.add_column("present")
     table.add_column("looked for (relative to the data root)")
     table.add_column("fetched from")
     for row in rows:
         shown = [str(Path(f).relative_to(root)) for f in row["files"]]
-        present = "[green]yes[/]" if row["present"] else "[red]no[/]"
-        table.add_row(row["name"], present, escape(", ".join(shown)), escape(row["source"]))
+        present = Text("yes", style="green") if row["present"] else Text("no", style="red")
+        table.add_row(Text(row["name"]), present, Text(", ".join(shown)), Text(row["source"]))
     out.print(table)
     if not all(row["present"] for row in rows):
-        out.print("Fetch one with [bold]gileak data fetch NAME[/] (add --data-root DIR for another directory), "
-                  "or copy files you already have to the paths above.", highlight=False)
+        out.print(styled("Fetch one with ", ("gileak data fetch NAME", "bold"), " (add --data-root DIR for another "
+                         "directory), or copy files you already have to the paths above."), highlight=False)
 
 
 @app.command("fetch")
@@ -131,9 +131,9 @@ def fetch(
     for text, dataset in zip(names, datasets):
         root = dataset.root()
         if dataset.present():
-            out.print(f"{escape(text)}: already in {escape(str(root))}", highlight=False)
+            out.print(f"{text}: already in {root}", highlight=False)
             continue
-        out.print(f"{escape(text)}: downloading into {escape(str(root))} ...", highlight=False)
+        out.print(f"{text}: downloading into {root} ...", highlight=False)
         try:
             dataset.fetch()
         except Exception as e:  # the libraries raise RuntimeError, URLError, OSError alike
@@ -154,4 +154,4 @@ def fetch(
         if not dataset.present():
             raise DownloadError(f"{text}: the download finished but these files are still missing: "
                                 f"{', '.join(str(p) for p in dataset.missing())}.")
-        out.print(f"{escape(text)}: ready in {escape(str(root))}", highlight=False)
+        out.print(f"{text}: ready in {root}", highlight=False)

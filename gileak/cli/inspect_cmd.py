@@ -6,10 +6,12 @@ import json
 from typing import Annotated
 
 import typer
-from gileak.cli.state import console as cli_console
 from rich.table import Table
+from rich.text import Text
 
 from gileak.cli import completion
+from gileak.cli.state import console as cli_console
+from gileak.cli.state import styled
 
 
 def inspect(
@@ -41,21 +43,21 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2))
         return
     console = cli_console()
-    table = Table(title=f"{model} + {defense} on {dataset}: input {tuple(summary['input_shape'])}, "
-                        f"{summary['num_classes']} classes", title_justify="left")
+    table = Table(title=Text(f"{model} + {defense} on {dataset}: input {tuple(summary['input_shape'])}, "
+                             f"{summary['num_classes']} classes"), title_justify="left")
     table.add_column("Layer", style="cyan")
     table.add_column("Module")
     table.add_column("Params", justify="right")
     for layer in layers:
-        table.add_row(layer["name"], layer["module"], f"{layer['params']:,}")
+        table.add_row(Text(layer["name"]), Text(layer["module"]), Text(f"{layer['params']:,}"))
     console.print(table)
-    console.print(
-        f"Trainable parameters: [bold]{summary['params']:,}[/] "
-        f"(+{summary['params_added']:,}, +{summary['params_added_pct']:.2f}% over the undefended {model}: "
-        f"{summary['base_params']:,})"
-    )
-    console.print(f"Upload per client per round: [bold]{summary['upload_bytes']:,}[/] bytes "
-                  f"({summary['upload_bytes'] / 2**20:.3f} MiB of float gradients or weights)")
+    console.print(styled(
+        "Trainable parameters: ", (f"{summary['params']:,}", "bold"),
+        f" (+{summary['params_added']:,}, +{summary['params_added_pct']:.2f}% over the undefended {model}: "
+        f"{summary['base_params']:,})",
+    ))
+    console.print(styled("Upload per client per round: ", (f"{summary['upload_bytes']:,}", "bold"),
+                         f" bytes ({summary['upload_bytes'] / 2**20:.3f} MiB of float gradients or weights)"))
 
 
 def _layers(net) -> list[dict]:

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from gileak.cli import completion
-from gileak.cli.state import state
+from gileak.cli.state import console as cli_console
+from gileak.cli.state import state, styled
 
 
 #: Training budgets; the other FedAvg settings (10 clients, 1 local epoch, Adam 1e-3, batch 64,
@@ -62,37 +61,44 @@ def train(
     import torch
 
     from gileak import data, fl, metrics
+    from gileak.errors import UserInputError
     from gileak.nets import count_trainable
-    from gileak.runner import build_net, pick_device
+    from gileak.runner import build_net, check_buildable, pick_device
 
     if profile not in PROFILES:
-        from gileak.errors import UserInputError
-
         raise UserInputError(f"Unknown profile '{profile}'. Use one of: {', '.join(PROFILES)}.")
+    if not math.isfinite(lr):
+        raise UserInputError(f"--lr must be a finite number, not {lr}.")
     rounds = rounds or PROFILES[profile]["rounds"]
     seeds = seeds or PROFILES[profile]["seeds"]
     model_c, defense_c = _one(model, "model"), _one(defense, "defense")
     dataset_c = _one(dataset, "dataset", data_root=data_root)
-    dataset_c.info()
+    info = dataset_c.info()
+    if info.num_classes < 2:
+        raise UserInputError(f"{dataset} has {info.num_classes} class(es): a classifier needs at least two.")
+    if info.train_size is not None and info.train_size < clients:
+        raise UserInputError(f"{dataset} has {info.train_size} training image(s), too few to share among "
+                             f"{clients} clients; use --clients {max(1, info.train_size)} or fewer.")
+    if info.test_size == 0:
+        raise UserInputError(f"{dataset} has no test images to measure accuracy on; give it a test split.")
+    check_buildable(model_c, defense_c, info, where=f"{model} + {defense} on {dataset}")
     run_device = pick_device(device)
     out = out or Path("gileak-runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=json_output)
+    console = cli_console(stderr=json_output)
     splits = dataset_c.load(seed=0)
     input_shape = model_c.input_shape(tuple(splits.train_images.shape[1:]))
-    num_classes = dataset_c.info().num_classes
+    num_classes = info.num_classes
     train_x = data.fit_images(splits.train_images, input_shape)
     test_x = data.fit_images(splits.test_images, input_shape)
     if len(test_x) == 0:
-        from gileak.errors import UserInputError
-
         raise UserInputError(f"{dataset} has no test images to measure accuracy on; give it a test split.")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
         for seed in range(seeds):
             task = progress.add_task(f"seed {seed}: training", total=rounds)
             net = build_net(model_c, defense_c, input_shape, num_classes, seed, run_device)
@@ -122,11 +128,11 @@ def train(
         typer.echo(json.dumps(summary, indent=2))
         return
     eps = f", ε = {summary['epsilon']:.3g} at δ = 1e-5" if epsilons else ""
-    console.print(
-        f"[bold]{escape(model)} + {escape(defense)} on {escape(dataset)}[/]: test accuracy "
-        f"[bold]{100 * accuracy_mean:.2f} ± {100 * accuracy_std:.2f} %[/] over {seeds} seed(s); "
-        f"rounds run {summary['rounds_per_seed']}{eps}; {params:,} trainable parameters."
-    )
+    console.print(styled(
+        (f"{model} + {defense} on {dataset}", "bold"), ": test accuracy ",
+        (f"{100 * accuracy_mean:.2f} ± {100 * accuracy_std:.2f} %", "bold"),
+        f" over {seeds} seed(s); rounds run {summary['rounds_per_seed']}{eps}; {params:,} trainable parameters.",
+    ))
     console.print(f"Accuracy curves, checkpoints and summary.json: {out}")
 
 
@@ -157,7 +163,8 @@ def _write_curves(results, out: Path) -> None:
 
 
 def load_checkpoint(path: str | Path):
-    """A saved global model state, loaded safely (tensors only)."""
-    import torch
+    """A saved global model state, loaded tensors-only (a run directory may come from someone
+    else): a file holding anything else raises RefusedFileError and nothing in it runs."""
+    from gileak.safeload import load_tensors
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors(path)

@@ -3,22 +3,30 @@ attack, the L-BFGS family (DLG, iDLG, CPL) and the analytic attack on a biased F
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from gileak import Attack, hookimpl
-from gileak.errors import NotApplicableError
+from gileak.errors import NotApplicableError, ParamsError
 
 
 def _labels(target, mode: str, attack: str):
-    """The labels an attack works with: the ones the threat model grants, or recovered
-    analytically from each victim's gradient (iDLG)."""
+    """The labels an attack works with, listed image by image: the ones the threat model
+    grants, or recovered analytically from each victim's upload in gradient units — one
+    image's label (iDLG), or the multiset of a batch's labels (`recover_label_counts`, repeats
+    included), handed to the victim's dummies in sorted order."""
     if mode == "recover":
-        from gileak.engine.labels import recover_labels
+        from gileak.engine.labels import recover_label_counts, recover_labels, resize_label_multisets
 
+        shared = target.shared_in_gradient_units()
         try:
-            return recover_labels(target.net, target.shared_gradient, target.input_shape)
+            if target.images_per_victim == 1 and (target.client is None or target.client.labels_per_upload() == 1):
+                return recover_labels(target.net, shared, target.input_shape)
+            counted = target.client.labels_per_upload()
+            found = recover_label_counts(target.net, shared, target.input_shape, counted,
+                                         pixel_range=target.pixel_range)
+            return resize_label_multisets(found, target.images_per_victim).reshape(-1)
         except ValueError as e:
             raise NotApplicableError(f"{attack} cannot recover labels: {e}") from e
     if target.labels is None:
@@ -27,73 +35,205 @@ def _labels(target, mode: str, attack: str):
     return target.labels
 
 
-def _kept(target, ignore_stochastic: bool, attack: str) -> tuple[tuple[str, ...] | None, str]:
-    """The gradients matched: all, or — ignoring stochastic gradients (paper Eq. 4) — only
-    those of layers that run before the first stochastic module's decoder, found by tracing
-    the forward pass."""
-    if not ignore_stochastic:
-        return None, ""
-    from gileak.nets import first_stochastic_cut
+def _layer_names(value: Any) -> Any:
+    """"8.body.0.decoder+10" or ["8.body.0.decoder", 10] -> ("8.body.0.decoder", "10")."""
+    if value is None:
+        return ()
+    if isinstance(value, bool):
+        raise ValueError("give layer names, e.g. exclude=10 or exclude=8.body.0.decoder+10")
+    if isinstance(value, (int, str)):
+        value = str(value).split("+")
+    if isinstance(value, (list, tuple)):
+        names = tuple(part.strip() for v in value for part in str(v).split("+"))
+        if any(not name for name in names):
+            raise ValueError("an empty layer name: join names with a single '+', e.g. 8.body.0.decoder+10")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a layer is named twice: {'+'.join(names)}")
+        return names
+    return value
 
-    cut = first_stochastic_cut(target.net, target.input_shape)
-    if cut is None:
-        return None, f"{attack}: the model has no stochastic module; all gradients were matched"
-    if not cut:
-        raise NotApplicableError(f"{attack}: the first stochastic module's decoder is the first layer; "
-                                 "there is no gradient left to match")
-    return tuple(cut), f"{attack}: matched {len(cut)} of {len(target.params)} parameter gradients"
+
+#: Layer names joined by '+' (paper Table I: the gradients an attack leaves out).
+LayerNames = Annotated[tuple[str, ...], BeforeValidator(_layer_names)]
+EXCLUDE_HELP = ("layers whose gradients are not matched, joined by '+': module names as `gileak inspect` prints "
+                "them (e.g. 10, or 8.body.0.decoder: every parameter below it) or parameter names (10.bias)")
+
+
+def _excluded(net, names: tuple[str, ...], attack: str) -> set[str]:
+    """The trainable parameters `names` cover: a parameter by its name, a module by every
+    trainable parameter below it. An unknown name is a ParamsError listing the layers there are."""
+    trainable = [name for name, param in net.named_parameters() if param.requires_grad]
+    owners = {name: module for name, module in net.named_modules()
+              if name and any(p.requires_grad for p in module.parameters())}
+    covered: set[str] = set()
+    unknown = []
+    for name in names:
+        if name in owners:
+            covered.update(n for n in trainable if n.startswith(name + "."))
+        elif name in trainable:
+            covered.add(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        import difflib
+
+        layers = [name for name, module in owners.items()
+                  if any(p.requires_grad for p in module.parameters(recurse=False))]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, layers + trainable, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ParamsError(
+            f"{attack}: exclude names no layer of this model: {', '.join(hints)}. Its layers with parameters, "
+            f"as `gileak inspect` prints them: {', '.join(layers)} (a parameter name such as {trainable[0]}, "
+            "or a container of layers, works too).")
+    return covered
+
+
+def _kept(net, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...],
+          attack: str) -> tuple[tuple[str, ...] | None, str]:
+    """The gradients matched: all, or — ignoring stochastic gradients (paper Eq. 4) — only those
+    of the layers that run before the decoder of the first stochastic module that runs, found
+    by tracing the forward pass; minus the `exclude`d layers (paper Table I)."""
+    trainable = [name for name, param in net.named_parameters() if param.requires_grad]
+    kept: list[str] | None = None
+    note = ""
+    if ignore_stochastic:
+        from gileak.nets import first_stochastic_cut
+
+        cut = first_stochastic_cut(net, input_shape)
+        if cut is None:
+            note = f"{attack}: the model has no stochastic module, so nothing was cut"
+        elif not cut:
+            raise NotApplicableError(f"{attack}: the first stochastic module's decoder is the first layer; "
+                                     "there is no gradient left to match")
+        else:
+            kept = cut
+    if exclude:
+        dropped = _excluded(net, exclude, attack)
+        kept = [name for name in (kept if kept is not None else trainable) if name not in dropped]
+        if not kept:
+            after_cut = " after the cut before the stochastic decoder" if ignore_stochastic else ""
+            raise ParamsError(f"{attack}: exclude={'+'.join(exclude)} leaves no gradient to match{after_cut}")
+    if kept is None:
+        return None, f"{note}; all gradients were matched" if note else ""
+    excluded = f" (excluded: {', '.join(exclude)})" if exclude else ""
+    matched = f"{attack}: matched {len(kept)} of {len(trainable)} parameter gradients{excluded}"
+    return tuple(kept), f"{note}; {matched}" if note else matched
+
+
+def _check_subsets(attack: str, build, input_shape, ignore_stochastic: bool, exclude: tuple[str, ...]) -> None:
+    """Plan-time check of exclude= (and its composition with the cut) on the defended model
+    `build()` gives: an unknown name or nothing left to match is a ParamsError before anything runs."""
+    if not exclude:
+        return
+    try:
+        _kept(build(), input_shape, ignore_stochastic, exclude, attack)
+    except NotApplicableError:
+        pass  # not the user's to fix: the run reports the row as not applicable, with the reason
 
 
 LabelMode = Literal["known", "recover"]
 #: The paper's iteration cap (Section V-B); IG's patiences are given relative to it.
 PAPER_ITERATIONS = 20_000
+#: Learning-rate schedules of `ig` and `ignore` (docs/attack-strength.md compares them).
+Schedule = Literal["paper", "plateau", "step", "cosine"]
+#: The fixed patiences of schedule=plateau.
+FIXED_PLATEAU, FIXED_STOP = 100, 1000
+#: The paper's protocol (V-B), which `--profile paper` selects: the defaults below are the
+#: strongest at every cap under the paper's 20,000 (docs/attack-strength.md).
+PAPER_PROTOCOL = {"schedule": "paper", "lr": 1.0, "tv": 0.01}
 
 
 class _IGParams(Attack.Params):
-    lr: float = Field(1.0, gt=0, description="Adam's initial learning rate (paper: 1)")
-    tv: float = Field(0.01, ge=0, description="weight of the total-variation prior")
+    schedule: Schedule = Field("cosine", description="learning-rate schedule: cosine (decay to 0 over the cap; the "
+                               "strongest at small caps), paper (lr x0.1 after a plateau of 2% of the cap, stop "
+                               "after 20% without a better loss: the paper's 400 and 4,000 of 20,000; --profile "
+                               "paper's), plateau (the same rule with fixed patiences, 100 and 1,000) or step "
+                               "(Inverting Gradients' own: lr x0.1 at 3/8, 5/8 and 7/8 of the cap)")
+    lr: float = Field(0.1, gt=0, description="Adam's initial learning rate (paper: 1, --profile paper's)")
+    tv: float = Field(0.05, ge=0, description="weight of the total-variation prior (paper: 0.01, --profile paper's)")
     signed: bool = Field(True, description="step on the sign of the image gradient (authors' code)")
-    plateau: int | None = Field(None, ge=1, description="iterations without improvement before lr x 0.1; "
-                                "none = the paper's 400 of 20,000 scaled to the iteration cap (2%, at least 10)")
+    plateau: int | None = Field(None, ge=1, description="schedule paper or plateau: iterations without improvement "
+                                "before lr x 0.1; none = 2% of the cap, at least 10 (paper) or 100 (plateau)")
     stop_patience: int | None = Field(None, ge=1, description="stop a victim after this many iterations without "
-                                      "improvement; none = the paper's 4,000 of 20,000 scaled (20%, at least 50)")
+                                      "improvement; none = 20% of the cap, at least 50 (paper), 1,000 (plateau), "
+                                      "never (step, cosine)")
     min_loss: float = Field(1e-5, ge=0, description="stop a victim once its loss is below this")
     labels: LabelMode = Field("known", description="known (threat model of V-B) or recover (iDLG)")
 
+    @model_validator(mode="after")
+    def _plateau_needs_a_plateau_schedule(self):
+        if self.plateau is not None and self.schedule not in ("paper", "plateau"):
+            raise ValueError(f"plateau={self.plateau} applies to schedule=paper or schedule=plateau; "
+                             f"schedule={self.schedule} sets the learning rate by the iteration's place in the cap")
+        return self
+
 
 class InvertingGradients(Attack):
-    """Cosine distance + total-variation prior, Adam with a plateau schedule."""
+    """Cosine distance + total-variation prior, signed Adam with a per-victim learning-rate schedule."""
 
     name = "ig"
-    description = "Inverting Gradients: cosine distance + TV prior, signed Adam, plateau schedule (paper V-B)."
+    description = ("Inverting Gradients: cosine distance + TV prior, signed Adam; cosine lr schedule "
+                   "(--profile paper: the paper's plateau schedule, V-B).")
+    handles_clients = True
 
     class Params(_IGParams):
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
+    #: `--profile paper` runs the paper's protocol (V-B) unless the user's reference says otherwise.
+    profile_params = {"paper": PAPER_PROTOCOL}
     ignore_stochastic_always = False
 
+    def _ignores(self) -> bool:
+        return self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
+
+    def check(self, build, input_shape) -> None:
+        _check_subsets(self.name, build, input_shape, self._ignores(), self.params.exclude)
+
     def config(self, keep=None, trace: bool = False, max_iterations: int = PAPER_ITERATIONS):
-        """The paper's schedule (plateau 400, stop after 4,000 flat iterations, cap 20,000) keeps
-        its proportions when the cap is smaller, unless the patiences are given explicitly."""
+        """The engine's settings for a cap of `max_iterations`. schedule=paper is the paper's rule
+        (plateau 400, stop after 4,000 flat iterations, cap 20,000), its patiences keeping their
+        share of a smaller cap unless given explicitly."""
         from gileak.engine import MatchingConfig
 
         p = self.params
-        scale = max_iterations / PAPER_ITERATIONS
-        plateau = p.plateau or max(10, round(400 * scale))
-        stop = p.stop_patience or max(50, round(4000 * scale))
-        return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed,
+        kind, plateau, stop = "plateau", 400, 10**9
+        if p.schedule == "paper":
+            scale = max_iterations / PAPER_ITERATIONS
+            plateau = p.plateau or max(10, round(400 * scale))
+            stop = p.stop_patience or max(50, round(4000 * scale))
+        elif p.schedule == "plateau":
+            plateau, stop = p.plateau or FIXED_PLATEAU, p.stop_patience or FIXED_STOP
+        else:
+            kind, stop = p.schedule, p.stop_patience or stop
+        return MatchingConfig(distance="cosine", tv_weight=p.tv, lr=p.lr, signed=p.signed, schedule=kind,
                               plateau_patience=plateau, stop_patience=stop, min_loss=p.min_loss,
                               keep=keep, trace=trace)
+
+    def schedule_text(self, max_iterations: int) -> str:
+        """The schedule at a cap, in words (for --dry-run)."""
+        config = self.config(max_iterations=max_iterations)
+        stop = "" if config.stop_patience >= max_iterations else \
+            f", stop after {config.stop_patience:,} iterations without a better loss"
+        if config.schedule == "plateau":
+            how = f"x0.1 after {config.plateau_patience:,} iterations without a better loss"
+        elif config.schedule == "step":
+            how = "x0.1 at iterations " + ", ".join(f"{int(max_iterations // d):,}" for d in (2.667, 1.6, 1.142))
+        else:
+            how = "cosine-decayed to 0 over the cap"
+        return f"schedule={self.params.schedule}: Adam lr {config.lr:g} {how}{stop}; TV {config.tv_weight:g}"
 
     def attack(self, target, *, seeds, max_iterations, progress=None):
         from gileak.engine import gradient_matching
 
         labels = _labels(target, self.params.labels, self.name)
-        ignore = self.ignore_stochastic_always or getattr(self.params, "ignore_stochastic", False)
-        keep, note = _kept(target, ignore, self.name)
+        keep, note = _kept(target.net, target.input_shape, self._ignores(), self.params.exclude, self.name)
         result = gradient_matching(target, self.config(keep, target.trace, max_iterations), seeds=seeds,
                                    max_iterations=max_iterations, labels=labels, progress=progress)
         result.note = note
+        result.labels_known = self.params.labels == "known"
         return result
 
 
@@ -106,7 +246,7 @@ class Ignore(InvertingGradients):
     ignore_stochastic_always = True
 
     class Params(_IGParams):
-        pass
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP + "; composes with the cut")
 
 
 class DLG(Attack):
@@ -114,6 +254,7 @@ class DLG(Attack):
 
     name = "dlg"
     description = "DLG: Euclidean gradient distance, L-BFGS, dummy labels optimised with the image."
+    handles_clients = True
 
     class Params(Attack.Params):
         lr: float = Field(1.0, gt=0, description="L-BFGS learning rate")
@@ -122,8 +263,12 @@ class DLG(Attack):
         labels: Literal["optimise", "known", "recover"] = Field(
             "optimise", description="optimise dummy labels (DLG), known, or recover (iDLG)")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
     label_weight = 0.0
+
+    def check(self, build, input_shape) -> None:
+        _check_subsets(self.name, build, input_shape, self.params.ignore_stochastic, self.params.exclude)
 
     def lbfgs_config(self, keep):
         from gileak.engine.lbfgs import LBFGSConfig
@@ -135,10 +280,12 @@ class DLG(Attack):
         from gileak.engine.lbfgs import lbfgs_matching
 
         labels = None if self.params.labels == "optimise" else _labels(target, self.params.labels, self.name)
-        keep, note = _kept(target, self.params.ignore_stochastic, self.name)
+        keep, note = _kept(target.net, target.input_shape, self.params.ignore_stochastic, self.params.exclude,
+                           self.name)
         result = lbfgs_matching(target, self.lbfgs_config(keep), seeds=seeds, max_iterations=max_iterations,
                                 labels=labels, progress=progress)
         result.note = note
+        result.labels_known = self.params.labels == "known"
         return result
 
 
@@ -154,6 +301,7 @@ class IDLG(DLG):
                                  "(0: one trial, kept or not: torch's LBFGS(max_iter=1) default, which stalls)")
         labels: LabelMode = Field("recover", description="recover (iDLG) or known")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
 
 class CPL(DLG):
@@ -169,6 +317,7 @@ class CPL(DLG):
         label_weight: float = Field(0.01, ge=0, description="weight of the label-based regulariser")
         labels: LabelMode = Field("recover", description="recover (from the gradient) or known")
         ignore_stochastic: bool = Field(False, description="match only gradients before the first stochastic decoder")
+        exclude: LayerNames = Field((), description=EXCLUDE_HELP)
 
     def lbfgs_config(self, keep):
         from gileak.engine.lbfgs import LBFGSConfig
@@ -193,6 +342,9 @@ class Analytic(Attack):
         from gileak.base import Reconstruction
         from gileak.nets import forward_order
 
+        if target.client is not None and not target.client.is_single_image_gradient():
+            raise NotApplicableError("analytic solves one image from one gradient step; a batch, a local update "
+                                     "or an aggregate mixes several images in every row of the gradient")
         modules = dict(target.net.named_modules())
         order = forward_order(target.net, target.input_shape)
         layer_name = None

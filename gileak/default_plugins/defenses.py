@@ -4,7 +4,7 @@ bias removal."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -47,7 +47,8 @@ class Precode(Defense):
         size: int | None = Field(
             None, ge=1, description="bottleneck size K; default: half the feature's channels (CNN: 8, 16, 32)"
         )
-        beta: float = Field(0.01, ge=0, description="weight of the KL term in the client loss")
+        beta: float = Field(0.001, ge=0, description="weight of the KL term (in bits) in the client loss; "
+                            "PRECODE's own default")
 
     def apply(self, net):
         from gileak.bottlenecks import PrecodeBottleneck
@@ -86,8 +87,13 @@ class CVB(Defense):
             (1,), description="slot position(s) the CVB goes into; several joined by '+', e.g. 1+3"
         )
         kernel: int = Field(5, ge=1, description="kernel size k_E of the mu and sigma convolutions")
-        scale: float = Field(0.5, gt=0, description="s_E: latent channels K_E = max(1, round(scale * channels))")
+        scale: float = Field(0.5, gt=0, description="s_E: latent channels K_E = floor(scale * c) (at least 1) for "
+                             "c >= 8 input channels; below 8, at least 8 (the authors' rule: c/2, else 8)")
         beta: float = Field(0.1, ge=0, description="weight of the KL term in the client loss")
+        kl: Literal["reference", "gaussian"] = Field(
+            "reference", description="reference: the authors' term -1/2 sum_c (1 + s - mu^2 - e^s), s the softplus "
+            "sigma (the paper's numbers); gaussian: KL(N(mu, sigma^2) || N(0, 1)); both summed over channels, "
+            "averaged over batch and positions")
 
         @field_validator("position", mode="before")
         @classmethod
@@ -115,8 +121,17 @@ class CVB(Defense):
                 )
         for slot in targets:
             channels = slot.shape[0]  # image channels, or tokens as channels (each token a square image)
-            latent = max(1, round(self.params.scale * channels))
-            slot.insert(ConvBottleneck(slot.shape, self.params.kernel, latent, self.params.beta))
+            latent = latent_channels(channels, self.params.scale)
+            slot.insert(ConvBottleneck(slot.shape, self.params.kernel, latent, self.params.beta, self.params.kl))
+
+
+def latent_channels(channels: int, scale: float) -> int:
+    """K_E for a CVB on `channels` input channels: floor(scale * channels), at least 1 — the
+    paper's K_E = s_E * K_{E-1} (Sec. VI-A3: s_E = 1/16 of 16 channels is K_E = 1) — and, below
+    8 input channels, at least 8: the authors' code sizes its CVB as c // 2 for c >= 8, else 8,
+    which this reproduces at the default scale 1/2."""
+    latent = max(1, math.floor(scale * channels + 1e-9))  # (0.29 * 100 is 28.999...)
+    return latent if channels >= 8 else max(8, latent)
 
 
 class DPSGD(Defense):

@@ -125,8 +125,8 @@ def _watching() -> Iterator[list[str]]:
 
 
 def _subset(target, count: int):
-    """The first `count` victims of `target`."""
-    labels = None if target.labels is None else target.labels[:count]
+    """The first `count` victims of `target` (a victim's labels are its images' labels, M each)."""
+    labels = None if target.labels is None else target.labels[:count * target.images_per_victim]
     return dataclasses.replace(target, shared_gradient={n: g[:count] for n, g in target.shared_gradient.items()},
                                labels=labels)
 

@@ -34,6 +34,13 @@ matmuls and library convolutions (forward, transposed and their adjoints) and a 
 element-wise passes per step, the col2im of the input gradient done as strided adds that run
 on every thread (PyTorch's CPU col2im runs on one).
 
+A victim that holds a batch of M images (`Target.images_per_victim`, a client whose upload is
+the gradient of the mean loss over them: `Client.is_mean_gradient`) is the same algebra with
+M·P positions: the forward runs the N·M dummies, each image's output gradient is scaled by 1/M,
+and a layer's factors are regrouped victim by victim, (N·M, fan, P) -> (N, fan, M·P), so its
+dummy gradient is G_i = sum over the victim's images and positions of g u^T. Local updates of
+several steps (fedavg, steps > 1) are not a product of factors: the vmap engine runs them.
+
 Anything else — batch norm (couples the victims of a batch), layer norm, attention, a module
 called twice, a custom container — is not supported here and `FactoredMatching.build` returns
 None, so the caller falls back to the vmap engine.
@@ -51,31 +58,20 @@ from torch import nn
 from torch.func import functional_call
 
 from gileak.engine.compat import threshold_backward
+from gileak.engine.rules import module_rule
 from gileak.nets import Slot, aux_loss
 
-#: Leaf modules that act on each sample alone and own no parameters (or, Conv2d/Linear, whose
-#: parameters the fast path handles). Exact types: a subclass may override forward.
-_PER_SAMPLE = (
-    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d,
-)
-#: Layers whose per-sample gradient is formed from factors.
-_FACTORED = (nn.Conv2d, nn.Linear)
 
-
-def _containers() -> tuple[type, ...]:
-    """Modules with children whose own forward acts on each sample alone. The bottlenecks
-    average their KL over the batch, which `FactoredMatching` scales back to a per-victim sum."""
-    from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck
-
-    return (nn.Sequential, Slot, PrecodeBottleneck, ConvBottleneck)
+def _factored(module: nn.Module) -> bool:
+    """A Conv2d or Linear: a layer whose per-sample gradient is formed from factors."""
+    rule = module_rule(module)
+    return rule is not None and rule.role == "factored"
 
 
 def _batch_mean_aux(module: nn.Module) -> bool:
-    from gileak.bottlenecks import ConvBottleneck, PrecodeBottleneck
-
-    return type(module) in (PrecodeBottleneck, ConvBottleneck)
+    """Its aux_loss averages over the batch, which `FactoredMatching` scales back per victim."""
+    rule = module_rule(module)
+    return rule is not None and rule.batch_mean_aux
 
 
 @dataclass
@@ -110,16 +106,16 @@ def _conv_unfold_args(conv: nn.Conv2d) -> dict | None:
 
 
 def _supported(net: nn.Module) -> bool:
-    containers = _containers()
+    """Whether every module of the net has a rule (`gileak.engine.rules`) the engine can follow:
+    a factored layer it can unfold, or a module holding no parameters or buffers of its own."""
     for module in net.modules():
-        kind = type(module)
-        if kind in _FACTORED:
-            if kind is nn.Conv2d and _conv_unfold_args(module) is None:
+        rule = module_rule(module)
+        if rule is None:
+            return False
+        if rule.role == "factored":
+            if type(module) is nn.Conv2d and _conv_unfold_args(module) is None:
                 return False
-        elif kind in containers:
-            if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-                return False
-        elif kind not in _PER_SAMPLE:
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
             return False
     return True
 
@@ -151,6 +147,8 @@ class FactoredMatching:
         #: The model as a plain chain of Conv2d / Linear / ReLU / Flatten (see `_chain_ops`),
         #: stepped by `_chain_step` without autograd; None: the autograd path of `step`.
         self.chain: list[tuple] | None = None
+        #: Images per victim (M): each victim's dummy gradient averages over M images.
+        self.per_victim = target.images_per_victim
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -159,6 +157,9 @@ class FactoredMatching:
         """The fast path for this target, or None when the model or the distance is not supported."""
         if config.distance not in ("cosine", "euclidean"):
             return None
+        if target.client is not None and not target.client.is_mean_gradient():
+            return None  # local steps: not a product of per-layer factors
+        per_victim = target.images_per_victim
         net = target.net
         if not _supported(net):
             return None
@@ -167,12 +168,12 @@ class FactoredMatching:
         for name in target.params:  # every trainable parameter must belong to a factored layer
             prefix, _, leaf = name.rpartition(".")
             module = modules.get(prefix)
-            if type(module) not in _FACTORED or leaf not in ("weight", "bias"):
+            if module is None or not _factored(module) or leaf not in ("weight", "bias"):
                 return None
             owners[name] = (module, prefix, leaf)
         factored = [_Layer(name, module, None, None,
                            unfold=_conv_unfold_args(module) if type(module) is nn.Conv2d else None)
-                    for name, module in net.named_modules() if type(module) in _FACTORED]
+                    for name, module in net.named_modules() if _factored(module)]
         by_prefix = {layer.name: layer for layer in factored}
         for name in wanted:
             _, prefix, leaf = owners[name]
@@ -180,17 +181,20 @@ class FactoredMatching:
         shapes = cls._dry_run(target, factored)
         if shapes is None:
             return None
+        if any(getattr(m, "aux_loss", None) is not None and not _batch_mean_aux(m) for m in net.modules()):
+            return None  # a loss term (left by the dry run) the engine cannot split between victims
         layers = [layer for layer in factored if layer.weight is not None or layer.bias is not None]
         for layer in layers:
             positions, fan_in, fan_out = shapes[layer.name]
             # Materialising costs a (fan_out x fan_in) element-wise tail per victim (several
             # passes, memory-bound); the ghost terms cost two P x P Gram matrices.
+            positions *= per_victim  # a victim's batch: its images' positions side by side
             layer.ghost = config.distance == "cosine" and positions**2 * (fan_in + fan_out) < 8 * fan_in * fan_out
         aux_scaled = any(_batch_mean_aux(m) for m in net.modules())
         chain = _chain_ops(net, factored, shapes, target)
         if chain is not None:  # P = 1 layers as rank-one products, every other one materialised
             for layer in layers:
-                layer.ghost = config.distance == "cosine" and shapes[layer.name][0] == 1
+                layer.ghost = config.distance == "cosine" and shapes[layer.name][0] == 1 and per_victim == 1
         engine = cls(target, config, names, wanted, groups, layers, factored, aux_scaled)
         engine.chain = chain
         return engine
@@ -263,14 +267,26 @@ class FactoredMatching:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, shared: tuple[torch.Tensor, ...],
              index: torch.Tensor | None = None):
+        """Victims' dummies (n, C, H, W), or (n, M, C, H, W) with labels (n, M) for batches."""
         laid_out, squares = self._prepare(shared)
         if index is not None:  # index_select: 1.5-4x as fast as t[index] on a CPU
             images, labels = images.index_select(0, index), labels.index_select(0, index)
             laid_out = {n: tuple(t.index_select(0, index) for t in s) for n, s in laid_out.items()}
             squares = {n: s.index_select(0, index) for n, s in squares.items()}
+        batched = images.shape
+        images = images.reshape(-1, *self.target.input_shape)
+        labels = labels.reshape(-1)
         if self.chain is not None:
-            return self._chain_step(images.detach(), labels, laid_out, squares)
-        count = images.shape[0]
+            image_grads, total, cosines = self._chain_step(images.detach(), labels, laid_out, squares)
+            return image_grads.view(batched), total, cosines
+        image_grads, total, cosines = self._autograd_step(images, labels, laid_out, squares)
+        return image_grads.view(batched), total, cosines
+
+    def _autograd_step(self, images: torch.Tensor, labels: torch.Tensor, laid_out: dict, squares: dict):
+        """`step` for any supported model: the factors from a forward with hooks and one backward,
+        the per-victim terms, and a second backward of their sum to the images."""
+        per_victim = self.per_victim
+        count = images.shape[0]  # images: the victims' batches one after another
         x = images.detach().requires_grad_(True)
 
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -282,10 +298,13 @@ class FactoredMatching:
             finally:
                 for layer in self.factored:
                     del layer.module.forward
+            # the sum over victims of each victim's loss, the mean over its images
             loss = F.cross_entropy(logits, labels, reduction="sum")
+            if per_victim > 1:
+                loss = loss / per_victim
             extra = aux_loss(self.target.net)
             if not isinstance(extra, float) or extra:
-                loss = loss + (count if self.aux_scaled else 1) * extra
+                loss = loss + (count // per_victim if self.aux_scaled else 1) * extra
 
             outputs = [captured[layer.name][1] for layer in self.layers]
             output_grads = torch.autograd.grad(loss, outputs, create_graph=True)
@@ -296,13 +315,8 @@ class FactoredMatching:
                 self._layer_terms(layer, captured[layer.name][0], g, laid_out, dots, norms, diffs)
             total = self._distance(dots, norms, diffs, squares, x)
             (image_grads,) = torch.autograd.grad(total.sum(), x)
-        cosines = None
-        if self.groups:
-            cosines = torch.stack([
-                _cosine_from(sum(dots[n] for n in g), sum(norms[n] for n in g), sum(squares[n] for n in g))
-                for g in self.groups.values()
-            ], dim=1).detach()
-        return image_grads, total.detach(), cosines
+        cosines = self._cosines(dots, norms, squares)
+        return image_grads, total.detach(), None if cosines is None else cosines.detach()
 
     # ------------------------------------------------------------------ the plain chain
     def _buffer(self, key, like: torch.Tensor) -> Callable[[tuple[int, ...]], torch.Tensor]:
@@ -326,22 +340,37 @@ class FactoredMatching:
     @torch.no_grad()
     def _chain_step(self, x: torch.Tensor, labels: torch.Tensor, laid_out: dict, squares: dict):
         """`step` for a plain chain (`_chain_ops`), every derivative written out instead of
-        taken by autograd: a forward keeping each layer's unfolded input U and each ReLU's output;
-        the output gradients g (backward 1); per victim <G, S>, ||G||^2 and the loss; the
-        derivative of the loss w.r.t. each matched G, Gbar = alpha S + beta G (cosine) or
-        2 (G - S) (Euclidean), pushed to g and U (gbar = Gbar U, Ubar = Gbar^T g); gbar carried
-        forward through backward 1's adjoint (the ReLU masks, each layer's forward without
-        bias) to the logits' softmax Jacobian; and the result carried back through the
-        forward's adjoint, each layer adding its Ubar, to the images."""
-        config = self.config
-        euclidean = config.distance == "euclidean"
-        cosine = not euclidean or bool(self.groups)
-        ops = self.chain
-        n = x.shape[0]
+        taken by autograd, in named steps:
 
-        saved: list = []  # per op: layer (input shape, U or None), relu its output, flatten its input shape
+        1. `_chain_forward`: a forward keeping each layer's unfolded input U and each ReLU's output;
+        2. `_chain_output_gradients`: every matched layer's output gradient g (backward 1);
+        3. `_chain_layer_terms`: per victim and matched parameter <G, S>, ||G||^2 (and ||G − S||^2);
+        4. `_chain_distance`: the loss, and its derivative w.r.t. each matched G,
+           Gbar = alpha S + beta G (cosine) or 2 (G − S) (Euclidean);
+        5. `_chain_factor_bars`: each Gbar pushed to its layer's g and U (gbar = Gbar U,
+           Ubar = Gbar^T g);
+        6. `_chain_image_gradient`: the gbars carried forward through backward 1's adjoint (the
+           ReLU masks, each layer's forward without bias) to the logits' softmax Jacobian, and
+           the result back through the forward's adjoint, each layer adding its Ubar, to the images;
+        7. `_chain_prior`: the total-variation prior and its gradient."""
+        saved, probs = self._chain_forward(x)
+        matched_at = [i for i, op in enumerate(self.chain)
+                      if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
+        deltas = self._chain_output_gradients(saved, probs, labels, matched_at)
+        terms, dots, norms, diffs = self._chain_layer_terms(matched_at, saved, deltas, laid_out)
+        reconstruction, alpha, beta = self._chain_distance(dots, norms, diffs, squares)
+        gbars, ubars = self._chain_factor_bars(matched_at, terms, deltas, laid_out, alpha, beta)
+        image_grads = self._chain_image_gradient(saved, probs, gbars, ubars)
+        total = self._chain_prior(x, reconstruction, image_grads)
+        return image_grads, total, self._cosines(dots, norms, squares)
+
+    def _chain_forward(self, x: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """The forward of the N·M images: what each op keeps for the backward passes — a layer
+        (its input shape, its unfolded input U or None), a ReLU its output, a flatten its input
+        shape — and the softmax of the logits."""
+        saved: list = []
         h = x
-        for i, op in enumerate(ops):
+        for i, op in enumerate(self.chain):
             if op[0] == "layer":
                 layer = op[1]
                 weight, bias = self._weights(layer)
@@ -358,12 +387,16 @@ class FactoredMatching:
             else:
                 saved.append(h.shape)
                 h = h.flatten(1)
-        probs = torch.softmax(h, 1)
+        return saved, torch.softmax(h, 1)
 
-        # Backward 1: every matched layer's output gradient g (summed loss = per-victim losses).
-        matched_at = [i for i, op in enumerate(ops)
-                      if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
+    def _chain_output_gradients(self, saved: list, probs: torch.Tensor, labels: torch.Tensor,
+                                matched_at: list[int]) -> dict[int, torch.Tensor]:
+        """Backward 1: every matched layer's output gradient g, per image, of the summed loss
+        (the victims' losses, each the mean over its M images)."""
+        ops = self.chain
         delta = probs - F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+        if self.per_victim > 1:  # a victim's loss is the mean over its images
+            delta = delta / self.per_victim
         deltas: dict[int, torch.Tensor] = {}
         for i in range(len(ops) - 1, matched_at[0] - 1, -1):
             op = ops[i]
@@ -380,21 +413,31 @@ class FactoredMatching:
                 delta = threshold_backward(delta, saved[i], 0)
             else:
                 delta = delta.reshape(saved[i])
+        return deltas
 
-        # Per-layer terms.
+    def _chain_layer_terms(self, matched_at: list[int], saved: list, deltas: dict, laid_out: dict):
+        """Per matched layer, its factors regrouped victim by victim (U (n, fan_in, P), g (n,
+        fan_out, P)) and what step 5 reuses (`terms`), and per victim and parameter <G, S>
+        (`dots`), ||G||^2 (`norms`) and, Euclidean, ||G − S||^2 (`diffs`): a one-position layer
+        as a rank-one product (ghost), every other one with G materialised."""
+        euclidean = self.config.distance == "euclidean"
+        cosine = not euclidean or bool(self.groups)
+        per_victim = self.per_victim
         dots: dict[str, torch.Tensor] = {}
         norms: dict[str, torch.Tensor] = {}
         diffs: dict[str, torch.Tensor] = {}
         terms: dict[int, dict] = {}
         for i in matched_at:
-            layer = ops[i][1]
+            layer = self.chain[i][1]
             if layer.unfold is not None:
                 g = deltas[i].flatten(2)
                 u = saved[i][1]
             else:
                 g = deltas[i].unsqueeze(2)
                 u = saved[i][1].unsqueeze(2)
-            # now U (n, fan_in, P) and g (n, fan_out, P)
+            g, u = _by_victim(g, per_victim), _by_victim(u, per_victim)
+            n = g.shape[0]  # victims
+            # now U (n, fan_in, P) and g (n, fan_out, P), a victim's images' positions side by side
             term = terms[i] = {"g": g, "u": u}
             if layer.weight is not None:
                 shared = laid_out[layer.weight]
@@ -426,24 +469,34 @@ class FactoredMatching:
                 term["gb"] = g.sum(2)
                 self._materialised(layer.bias, term["gb"], laid_out[layer.bias][0], euclidean, cosine,
                                    dots, norms, diffs)
+        return terms, dots, norms, diffs
 
-        if euclidean:
-            reconstruction = sum(diffs[name] for name in self.names)
-        else:
-            dot = sum(dots[name] for name in self.names)
-            norm_a = sum(norms[name] for name in self.names).sqrt()
-            norm_b = sum(squares[name] for name in self.names).sqrt()
-            den = norm_a * norm_b + 1e-12
-            reconstruction = 1 - dot / den
-            alpha = -1 / den  # d loss / d G = alpha S + beta G
-            beta = dot * norm_b / (norm_a * den * den)
+    def _chain_distance(self, dots: dict, norms: dict, diffs: dict, squares: dict):
+        """(each victim's gradient distance, alpha, beta): for the cosine distance its
+        derivative w.r.t. a matched G is alpha S + beta G; for the Euclidean one (alpha and
+        beta None) it is 2 (G − S)."""
+        if self.config.distance == "euclidean":
+            return sum(diffs[name] for name in self.names), None, None
+        dot = sum(dots[name] for name in self.names)
+        norm_a = sum(norms[name] for name in self.names).sqrt()
+        norm_b = sum(squares[name] for name in self.names).sqrt()
+        den = norm_a * norm_b + 1e-12
+        alpha = -1 / den
+        beta = dot * norm_b / (norm_a * den * den)
+        return 1 - dot / den, alpha, beta
 
-        # Each matched G's loss derivative, pushed to its layer's g and U.
+    def _chain_factor_bars(self, matched_at: list[int], terms: dict, deltas: dict, laid_out: dict, alpha, beta):
+        """Each matched G's loss derivative Gbar pushed to its layer's factors: gbar = Gbar U
+        (listed image by image, shaped as the layer's output gradient) and Ubar = Gbar^T g —
+        or, where it is cheaper to form where it is used, the pair (Gbar^T, g). Overwrites the
+        materialised G^T of `terms` with Gbar^T."""
+        euclidean = alpha is None
+        per_victim = self.per_victim
         matched = set(self.names)
         gbars: dict[int, torch.Tensor] = {}
         ubars: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # Ubar, or (A, B): Ubar = A B
         for i in matched_at:
-            layer, term = ops[i][1], terms[i]
+            layer, term = self.chain[i][1], terms[i]
             g, u = term["g"], term["u"]
             gbar = ubar = None
             if layer.weight in matched:
@@ -466,7 +519,10 @@ class FactoredMatching:
                     else:
                         upstream = term["grad_t"].mul_(beta.view(-1, 1, 1)).addcmul_(shared[0], alpha.view(-1, 1, 1))
                     gbar = torch.bmm(upstream.transpose(1, 2), u)  # (n, fan_out, P)
-                    ubar = (upstream, g)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
+                    if per_victim == 1:
+                        ubar = (upstream, g)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
+                    else:  # formed here, to be listed image by image
+                        ubar = _by_image(torch.bmm(upstream, g), per_victim)
             if layer.bias in matched:
                 sb = laid_out[layer.bias][0]
                 if euclidean:
@@ -475,11 +531,16 @@ class FactoredMatching:
                     bias_bar = torch.addcmul(sb * alpha.unsqueeze(1), term["gb"], beta.unsqueeze(1))
                 gbar = bias_bar.unsqueeze(2).expand_as(g) if gbar is None else gbar + bias_bar.unsqueeze(2)
             if gbar is not None:
-                gbars[i] = gbar.reshape(deltas[i].shape)
+                gbars[i] = _by_image(gbar, per_victim).reshape(deltas[i].shape)
             if ubar is not None:
                 ubars[i] = ubar
+        return gbars, ubars
 
-        # Backward 1's adjoint: each gbar carried forward to the logits.
+    def _chain_image_gradient(self, saved: list, probs: torch.Tensor, gbars: dict, ubars: dict) -> torch.Tensor:
+        """The gbars carried forward through backward 1's adjoint to the logits, through the
+        softmax's (symmetric) Jacobian, then back through the forward to the images, each layer
+        adding its Ubar on the way."""
+        ops = self.chain
         carry = None
         for i in range(min(gbars), len(ops)) if gbars else ():
             op = ops[i]
@@ -497,8 +558,9 @@ class FactoredMatching:
                 carry = threshold_backward(carry, saved[i], 0)
             else:
                 carry = carry.flatten(1)
-        # ... through the softmax's (symmetric) Jacobian, then back through the forward to the images.
         bar = probs * (carry - (probs * carry).sum(1, keepdim=True)) if carry is not None else torch.zeros_like(probs)
+        if self.per_victim > 1:  # (each image's output gradient was scaled by 1/M)
+            bar = bar / self.per_victim
         for i in range(len(ops) - 1, -1, -1):
             op = ops[i]
             if op[0] == "layer":
@@ -516,26 +578,37 @@ class FactoredMatching:
                 bar = threshold_backward(bar, saved[i], 0)
             else:
                 bar = bar.reshape(saved[i])
-        image_grads = bar
+        return bar
 
-        total = reconstruction
-        if config.tv_weight:
-            dx = x[..., :, 1:] - x[..., :, :-1]
-            dy = x[..., 1:, :] - x[..., :-1, :]
-            total = reconstruction + config.tv_weight * (dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1))
-            sx = dx.sign_().mul_(config.tv_weight / dx[0].numel())
-            sy = dy.sign_().mul_(config.tv_weight / dy[0].numel())
-            image_grads[..., :, 1:] += sx
-            image_grads[..., :, :-1] -= sx
-            image_grads[..., 1:, :] += sy
-            image_grads[..., :-1, :] -= sy
-        cosines = None
-        if self.groups:
-            cosines = torch.stack([
-                _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g), sum(squares[m] for m in g))
-                for g in self.groups.values()
-            ], dim=1)
-        return image_grads, total, cosines
+    def _chain_prior(self, x: torch.Tensor, reconstruction: torch.Tensor, image_grads: torch.Tensor) -> torch.Tensor:
+        """Each victim's total loss: the distance plus the weighted total-variation prior (a
+        victim's: the mean over its images), whose gradient is added to `image_grads` in place."""
+        config = self.config
+        if not config.tv_weight:
+            return reconstruction
+        per_victim = self.per_victim
+        dx = x[..., :, 1:] - x[..., :, :-1]
+        dy = x[..., 1:, :] - x[..., :-1, :]
+        tv = dx.abs().flatten(1).mean(1) + dy.abs().flatten(1).mean(1)
+        if per_victim > 1:
+            tv = tv.view(-1, per_victim).mean(1)
+        total = reconstruction + config.tv_weight * tv
+        sx = dx.sign_().mul_(config.tv_weight / (dx[0].numel() * per_victim))
+        sy = dy.sign_().mul_(config.tv_weight / (dy[0].numel() * per_victim))
+        image_grads[..., :, 1:] += sx
+        image_grads[..., :, :-1] -= sx
+        image_grads[..., 1:, :] += sy
+        image_grads[..., :-1, :] -= sy
+        return total
+
+    def _cosines(self, dots: dict, norms: dict, squares: dict) -> torch.Tensor | None:
+        """Per victim and traced layer, the cosine of dummy and shared gradient (None: no trace)."""
+        if not self.groups:
+            return None
+        return torch.stack([
+            _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g), sum(squares[m] for m in g))
+            for g in self.groups.values()
+        ], dim=1)
 
     def _forward(self, layer: _Layer, captured: dict) -> Callable:
         """The layer's forward with the target's parameters; a matched layer leaves (its
@@ -580,7 +653,8 @@ class FactoredMatching:
             else:
                 u = u.reshape(count, -1, u.shape[-1]).transpose(1, 2)
                 g = g.reshape(count, -1, g.shape[-1]).transpose(1, 2)
-        # now U (n, fan_in, P) and g (n, fan_out, P)
+        u, g = _by_victim(u, self.per_victim), _by_victim(g, self.per_victim)
+        # now U (n, fan_in, P) and g (n, fan_out, P), a victim's images' positions side by side
         euclidean = self.config.distance == "euclidean"
         cosine = not euclidean or bool(self.groups)  # the trace's per-layer cosines need them too
         if layer.weight is not None:
@@ -637,7 +711,10 @@ class FactoredMatching:
         if config.tv_weight:
             dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
             dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-            return reconstruction + config.tv_weight * (dx + dy)
+            tv = dx + dy
+            if self.per_victim > 1:  # a victim's prior: the mean over its images
+                tv = tv.view(-1, self.per_victim).mean(1)
+            return reconstruction + config.tv_weight * tv
         return reconstruction
 
 
@@ -666,6 +743,25 @@ class _MaterialisedTerms(torch.autograd.Function):
         grad_u = torch.bmm(upstream, g)  # (n, fan_in, P)
         grad_g = torch.bmm(u.transpose(1, 2), upstream).transpose(1, 2)  # (n, fan_out, P)
         return grad_u, grad_g, None
+
+
+def _by_victim(t: torch.Tensor, per_victim: int) -> torch.Tensor:
+    """A layer factor (n·M, fan, P) listed image by image as (n, fan, M·P): each victim's
+    images' positions side by side (a copy; as it is when M = 1)."""
+    if per_victim == 1:
+        return t
+    images, fan, positions = t.shape
+    return t.reshape(images // per_victim, per_victim, fan, positions).transpose(1, 2).reshape(
+        images // per_victim, fan, per_victim * positions)
+
+
+def _by_image(t: torch.Tensor, per_victim: int) -> torch.Tensor:
+    """The inverse of `_by_victim`: (n, fan, M·P) -> (n·M, fan, P)."""
+    if per_victim == 1:
+        return t
+    victims, fan, positions = t.shape
+    return t.reshape(victims, fan, per_victim, positions // per_victim).transpose(1, 2).reshape(
+        victims * per_victim, fan, positions // per_victim)
 
 
 def _low_rank(s: torch.Tensor, residual: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -804,7 +900,7 @@ def _chain_ops(net: nn.Module, factored: list[_Layer], shapes: dict, target) -> 
             return all(walk(child) for child in module)
         if kind is Slot:
             return walk(module.body)
-        if kind in _FACTORED:
+        if _factored(module):
             if id(module) not in by_module:
                 return False
             ops.append(("layer", by_module[id(module)]))

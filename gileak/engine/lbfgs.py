@@ -51,10 +51,11 @@ or a search that leaves x where it was at any step but its first (whose t is min
 lr, the next ones' lr) — would repeat that step unchanged until the end (no pair stored, the
 same d and the same search): it is held there, its iterations counted, without evaluations. A
 model with stochastic modules in training mode (a variational bottleneck, dropout) is evaluated
-afresh at x every iteration, as torch does; its victims draw independent noise (vmap
-randomness="different"), so there the results follow the reference only in distribution.
-Victims attacked together or alone get the same result up to float summation order with a
-deterministic model: nothing couples them — but the search's cubic interpolation, on a nearly
+afresh at x every iteration, as torch does; each victim's bottleneck noise comes from its own
+stream (`gileak.noise`), in the order of its own evaluations, in every engine and in the
+reference, so there too the results follow the reference (dropout still draws from the global
+RNG: only in distribution). Victims attacked together or alone get the same result up to float
+summation order: nothing couples them — but the search's cubic interpolation, on a nearly
 linear stretch, amplifies a 1-ulp difference of the loss (a batch of 2 vs 1 in a matmul) to
 ~1e-5 in t — so do the batched engines against the reference loop."""
 
@@ -75,9 +76,10 @@ from gileak.base import Reconstruction
 from gileak.engine import choice
 from gileak.engine.compat import DROPOUT
 from gileak.engine.compat import cubic_interpolate as _cubic_interpolate
-from gileak.engine.matching import (MatchingConfig, factored_engine, initial_images, make_victim_loss, minmax_scale,
-                                    vmap_chunk)
+from gileak.engine.matching import (MatchingConfig, as_images, factored_engine, image_rows, initial_images,
+                                    make_victim_loss, minmax_scale, victim_labels, victim_shape, vmap_chunk)
 from gileak.nets import batch_statistics_only, is_stochastic
+from gileak.noise import VictimStreams, predrawn, record_draws
 from gileak.threat import Target
 
 #: torch.optim.LBFGS's defaults, which the reference loop uses.
@@ -153,18 +155,24 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
     num_victims = target.num_victims
     matching = MatchingConfig(distance=config.distance, tv_weight=config.tv_weight, keep=config.keep)
     victim_loss = make_victim_loss(target, matching)
-    shared = [tuple(target.shared_gradient[n][i].to(device) for n in victim_loss.names) for i in range(num_victims)]
+    uploads = target.shared_in_gradient_units()
+    shared = [tuple(uploads[n][i].to(device) for n in victim_loss.names) for i in range(num_victims)]
     state = {**target.params, **target.frozen}
+    shape = victim_shape(target)
+    per_victim = target.images_per_victim
+    labels = None if labels is None else victim_labels(target, labels)
+    label_shape = (target.num_classes,) if per_victim == 1 else (per_victim, target.num_classes)
 
     images, found_labels, iterations, best_losses = [], [], [], []
     reported = 0
+    streams = VictimStreams(seeds, "attack")  # victim i's noise: its own stream (gileak.noise)
     for i, seed in enumerate(seeds):
-        torch.manual_seed(int(seed))  # stochastic modules sample from the global stream
-        image = initial_images(target.input_shape, [seed], "randn", device)[0].requires_grad_(True)
+        torch.manual_seed(int(seed))  # modules that still sample from the global stream (dropout)
+        image = initial_images(shape, [seed], "randn", device)[0].requires_grad_(True)
         variables = [image]
-        if config.optimise_labels:
+        if config.optimise_labels:  # one soft label per image
             generator = torch.Generator().manual_seed(int(seed) + 1)
-            label_logits = torch.randn(target.num_classes, generator=generator).to(device).requires_grad_(True)
+            label_logits = torch.randn(label_shape, generator=generator).to(device).requires_grad_(True)
             variables.append(label_logits)
         # max_eval - 1 (the evaluation at x, done before the search) is the search's max_ls
         optimizer = torch.optim.LBFGS(variables, lr=config.lr, max_iter=1, max_eval=1 + config.line_search_evals,
@@ -178,11 +186,12 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
 
         def closure():
             optimizer.zero_grad()
-            total, _ = victim_loss(image, current_label(), shared[i])
-            if config.label_weight:
-                logits = functional_call(target.net, state, (image.unsqueeze(0),))
-                onehot = F.one_hot(labels[i].to(device), target.num_classes).float()
-                total = total + config.label_weight * (logits.softmax(-1)[0] - onehot).pow(2).sum()
+            with streams.victim(i):
+                total, _ = victim_loss(image, current_label(), shared[i])
+                if config.label_weight:
+                    logits = functional_call(target.net, state, (image.reshape(-1, *target.input_shape),))
+                    onehot = F.one_hot(labels[i].to(device).reshape(-1), target.num_classes).float()
+                    total = total + config.label_weight * (logits.softmax(-1) - onehot).pow(2).sum()
             total.backward()
             return total
 
@@ -204,10 +213,10 @@ def _lbfgs_loop(target: Target, config: LBFGSConfig, seeds: list[int], max_itera
             progress(share - reported)
             reported = share
 
-    final = torch.stack(images)
+    final = as_images(target, torch.stack(images))
     final = minmax_scale(final) if config.minmax else final.clamp(*target.pixel_range)
     return Reconstruction(images=final.detach().cpu(), iterations=iterations, final_loss=best_losses,
-                          labels=torch.stack(found_labels).cpu())
+                          labels=torch.stack(found_labels).reshape(-1).cpu())
 
 
 # ---------------------------------------------------------------------------------- batched
@@ -449,26 +458,31 @@ class _Evaluator:
     """Per-victim losses and gradients (w.r.t. each victim's flat variables: the image, then
     DLG's label logits) for any subset of one group's victims, in one batched call."""
 
-    def __init__(self, target: Target, config: LBFGSConfig, labels: torch.Tensor | None) -> None:
+    def __init__(self, target: Target, config: LBFGSConfig, labels: torch.Tensor | None,
+                 seeds: list[int] | None = None) -> None:
         self.target = target
         self.config = config
         device = target.device
-        self.shape = tuple(target.input_shape)
+        self.shape = victim_shape(target)  # one victim's dummies: (C, H, W), or (M, C, H, W)
         self.pixels = math.prod(self.shape)
+        self.per_victim = target.images_per_victim
         matching = MatchingConfig(distance=config.distance, tv_weight=config.tv_weight, keep=config.keep)
         self.victim_loss = make_victim_loss(target, matching)
         self.state = {**target.params, **target.frozen}
         num_victims = target.num_victims
-        self.labels = (labels.to(device) if labels is not None
-                       else torch.zeros(num_victims, dtype=torch.long, device=device))
+        self.labels = victim_labels(target, labels.to(device) if labels is not None else
+                                    torch.zeros(num_victims * self.per_victim, dtype=torch.long, device=device))
         self.onehot = F.one_hot(self.labels, target.num_classes).float()
         # The factored engine needs fixed labels; CPL's label term is added by a plain batched
         # forward (every model the factored engine supports acts on each sample alone).
         self.fast = None if config.optimise_labels else factored_engine(target, matching, self.victim_loss)
         self.engine = "factored" if self.fast is not None else "vmap"
         choice.record(self.engine if self.fast is None or self.fast.chain is None else "chain")
-        self.batched = vmap(grad_and_value(self._objective), randomness="different",
+        self.batched = vmap(grad_and_value(self._noisy_objective), randomness="different",
                             chunk_size=vmap_chunk(target, num_victims))
+        # Each victim's noise from its own stream, in the order of its evaluations (gileak.noise).
+        self.streams = VictimStreams(seeds if seeds is not None else range(num_victims), "attack")
+        self.draws: list | None = None  # what one evaluation draws, recorded at the first vmap call
         self.calls = 0
         self.evaluations = 0
 
@@ -476,7 +490,8 @@ class _Evaluator:
         """Work on the victims `ids` (their shared gradients, labels) from now on."""
         device = self.target.device
         self.ids = ids
-        self.shared = tuple(self.target.shared_gradient[n].to(device)[ids] for n in self.victim_loss.names)
+        uploads = self.target.shared_in_gradient_units()
+        self.shared = tuple(uploads[n].to(device)[ids] for n in self.victim_loss.names)
         self.group_labels = self.labels[ids]
         self.group_onehot = self.onehot[ids]
 
@@ -484,21 +499,30 @@ class _Evaluator:
         """One victim's total loss, as the reference loop's closure computes it."""
         config = self.config
         image = flat[: self.pixels].view(self.shape)
-        current = flat[self.pixels:].softmax(-1) if config.optimise_labels else label
+        if config.optimise_labels:  # one soft label per image
+            logits = flat[self.pixels:]
+            current = (logits if self.per_victim == 1 else logits.view(self.per_victim, -1)).softmax(-1)
+        else:
+            current = label
         total, _ = self.victim_loss(image, current, shared)
         if config.label_weight:
             with batch_statistics_only(self.target.net):
-                logits = functional_call(self.target.net, self.state, (image.unsqueeze(0),))
-            total = total + config.label_weight * (logits.softmax(-1)[0] - onehot).pow(2).sum()
+                logits = functional_call(self.target.net, self.state, (image.reshape(-1, *self.target.input_shape),))
+            total = total + config.label_weight * (logits.softmax(-1) - onehot.reshape(logits.shape)).pow(2).sum()
         return total
+
+    def _noisy_objective(self, flat, label, onehot, shared, noise):
+        with predrawn(noise, [kind for kind, _, _ in self.draws]):
+            return self._objective(flat, label, onehot, shared)
 
     def _label_term(self, images: torch.Tensor, onehot: torch.Tensor):
         """CPL's label term and its image gradient for a batch of victims (factored path)."""
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             with batch_statistics_only(self.target.net):
-                logits = functional_call(self.target.net, self.state, (x,))
-            term = self.config.label_weight * (logits.softmax(-1) - onehot).pow(2).sum(1)
+                logits = functional_call(self.target.net, self.state, (x.reshape(-1, *self.target.input_shape),))
+            differences = (logits.softmax(-1) - onehot.reshape(logits.shape)).pow(2)
+            term = self.config.label_weight * differences.view(len(x), -1).sum(1)  # per victim
             (grads,) = torch.autograd.grad(term.sum(), x)
         return term.detach(), grads
 
@@ -507,21 +531,27 @@ class _Evaluator:
         victims `index` of the group (None: all)."""
         self.calls += 1
         self.evaluations += points.shape[0] if index is None else index.numel()
+        victims = (self.ids if index is None else self.ids[index]).tolist()
         if self.fast is not None:
             images = points.view(-1, *self.shape)
-            grads, losses, _ = self.fast.step(images, self.group_labels, self.shared, index)
-            grads, losses = grads.reshape(grads.shape[0], -1), losses.detach()
-            if self.config.label_weight:
-                onehot = self.group_onehot if index is None else self.group_onehot[index]
-                term, term_grads = self._label_term(images if index is None else images[index], onehot)
-                losses = losses + term
-                grads = grads + term_grads.reshape(grads.shape)
+            with self.streams.rows(image_rows(victims, self.per_victim)):
+                grads, losses, _ = self.fast.step(images, self.group_labels, self.shared, index)
+                grads, losses = grads.reshape(grads.shape[0], -1), losses.detach()
+                if self.config.label_weight:
+                    onehot = self.group_onehot if index is None else self.group_onehot[index]
+                    term, term_grads = self._label_term(images if index is None else images[index], onehot)
+                    losses = losses + term
+                    grads = grads + term_grads.reshape(grads.shape)
             return losses, grads.detach()
+        if self.draws is None:
+            self.draws = record_draws(self._objective, points[0], self.group_labels[0], self.group_onehot[0],
+                                      tuple(s[0] for s in self.shared))
+        noise = self.streams.predraw(victims, self.draws, points.device)
         if index is None:
-            grads, losses = self.batched(points, self.group_labels, self.group_onehot, self.shared)
+            grads, losses = self.batched(points, self.group_labels, self.group_onehot, self.shared, noise)
         else:
             grads, losses = self.batched(points[index], self.group_labels[index], self.group_onehot[index],
-                                         tuple(s[index] for s in self.shared))
+                                         tuple(s[index] for s in self.shared), noise)
         return losses.detach(), grads.detach()
 
 
@@ -605,9 +635,9 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
         raise ValueError("history must be at least 1")
     device = target.device
     num_victims = target.num_victims
-    evaluate = _Evaluator(target, config, labels)
+    evaluate = _Evaluator(target, config, labels, seeds)
     pixels = evaluate.pixels
-    dim = pixels + (target.num_classes if config.optimise_labels else 0)
+    dim = pixels + (target.num_classes * target.images_per_victim if config.optimise_labels else 0)
     size = max(1, min(config.history, max_iterations - 1))  # no victim stores more pairs than that
     # the pairs, the solver's (n, D) tensors, and the line search's gradient rows: up to one
     # per round kept alive (a row is a view of its round's batched gradients)
@@ -617,7 +647,7 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
     groups = [list(range(start, min(start + group_size, num_victims))) for start in range(0, num_victims, group_size)]
     stochastic = _stochastic(target.net)
     if stochastic and seeds:
-        torch.manual_seed(int(seeds[0]))  # reproducible noise (each victim draws its own)
+        torch.manual_seed(int(seeds[0]))  # modules that still sample from the global stream (dropout)
 
     images, found, iterations, best_losses, evaluations = [], [], [], [], []
     reported = 0
@@ -649,97 +679,148 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
                     victims_per_call=evaluate.evaluations / max(1, evaluate.calls), victim_evaluations=evaluations,
                     iterations=sum(iterations), groups=len(groups), reused=not stochastic, **stats)
 
-    final = torch.cat(images)
+    final = as_images(target, torch.cat(images))
     final = minmax_scale(final) if config.minmax else final.clamp(*target.pixel_range)
     chosen = torch.cat(found) if config.optimise_labels else evaluate.labels
     return Reconstruction(images=final.detach().cpu(), iterations=iterations, final_loss=best_losses,
-                          labels=chosen.cpu())
+                          labels=chosen.reshape(-1).cpu())
 
 
 def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], max_iterations: int, size: int,
                  stochastic: bool, target: Target, report: Callable[[int], None], stats: dict):
+    """One group's victims through their iterations (`_GroupSolver`); returns (best images,
+    found labels or None, iterations, best losses, evaluations) per victim."""
+    return _GroupSolver(evaluate, config, seeds, max_iterations, size, stochastic, target, report, stats).run()
+
+
+class _GroupSolver:
     """One group's victims, each through its own iterations of torch.optim.LBFGS.step: a
     round-based scheduler with no barrier between the victims' iterations.
 
     Between rounds a victim is searching (its `_strong_wolfe` generator waits for the
     evaluation of its trial point x + t d), at x (a step is to start at a point whose f and g
     are not known yet: the first step, every step of a stochastic model, every step without
-    line search) or out (stopped, held, or at max_iterations). Each round:
+    line search) or out (stopped, held, or at max_iterations). Each round (`run`):
 
-    1. the victims whose search ended in the last round finish their iteration (`finish`,
-       batched over them): t and x + t d, the search's final f and g kept as the next step's
-       (a deterministic model), the reference loop's best point and stopping rules, holding.
-       Those that go on with f and g known (deterministic, line search) and those whose
-       evaluation at x came back in the last round start their next step at once (`begin`,
-       batched over them): max|g|, the curvature pair, the two-loop direction from each
-       victim's own history (`_History`), the first trial t, a new search generator. A step
-       that ends without a search (max|g| <= tolerance_grad, no descent, no line search) is
-       finished on the spot; that victim then needs an evaluation at x, or is out;
+    1. the victims whose search ended in the last round finish their iteration
+       (`end_searches`, then `finish`, batched over them): t and x + t d, the search's final f
+       and g kept as the next step's (a deterministic model), the reference loop's best point
+       and stopping rules, holding. Those that go on with f and g known (deterministic, line
+       search) and those whose evaluation at x came back in the last round start their next
+       step at once (`begin`, batched over them): max|g|, the curvature pair, the two-loop
+       direction from each victim's own history (`_History`), the first trial t, a new search
+       generator. A step that ends without a search (max|g| <= tolerance_grad, no descent, no
+       line search) is finished on the spot; that victim then needs an evaluation at x, or is out;
     2. every victim that needs an evaluation — a searching one at its trial point, one at x
-       at x — is evaluated in ONE engine call: every victim still running is in every call,
-       whatever its iteration;
-    3. the results go to their victims: a searching one's generator takes (f, g, g.d) and
-       gives its next t or its result; one at x takes its f and g.
+       at x — is evaluated in ONE engine call (`evaluate_pending`): every victim still running
+       is in every call, whatever its iteration;
+    3. the results go to their victims (`deliver`): a searching one's generator takes (f, g,
+       g.d) and gives its next t or its result; one at x takes its f and g.
 
     Each victim's trajectory is what it would be alone: the same float operations on its own
     rows (only the engine's summation order may depend on the other victims in a call, as in
     any batched call). The number of calls is the most evaluations one victim needs, not the
     sum over iterations of the longest search. `report` gets the fewest iterations completed
     by a victim still running (the runner's share of max_iterations; the rest at the end)."""
-    device = target.device
-    count = len(seeds)
-    pixels = evaluate.pixels
-    x = initial_images(target.input_shape, seeds, "randn", device).reshape(count, -1)
-    if config.optimise_labels:
-        logits = torch.stack([torch.randn(target.num_classes, generator=torch.Generator().manual_seed(int(seed) + 1))
-                              for seed in seeds]).to(device)
-        x = torch.cat([x, logits], dim=1)
-    dim = x.shape[1]
-    lr = float(config.lr)
-    max_ls = config.line_search_evals
-    scalar = _Scalar.of(x.dtype)  # the search's 0-d tensors
 
-    # Each victim's state, updated in place row by row (every row handed to a search generator
-    # is a copy or a row of an engine call's output, never a view of these).
-    f = torch.full((count,), math.nan, device=device)  # loss at x (where known)
-    g = torch.zeros(count, dim, device=device)  # gradient at x
-    d = torch.zeros(count, dim, device=device)
-    t = torch.zeros(count, device=device)
-    prev_g = torch.zeros(count, dim, device=device)
-    h_diag = torch.ones(count, device=device)
-    n_iter = torch.zeros(count, dtype=torch.long, device=device)
-    history = _History(size, count, dim, device)
-    loss = torch.full((count,), math.nan, dtype=torch.float64, device=device)  # f at the step's start
-    # the branches of torch's step the current iteration took (for holding)
-    optimal = torch.zeros(count, dtype=torch.bool, device=device)
-    proceed = torch.zeros_like(optimal)
-    stepping = torch.zeros_like(optimal)
-    later = torch.zeros_like(optimal)
+    def __init__(self, evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], max_iterations: int, size: int,
+                 stochastic: bool, target: Target, report: Callable[[int], None], stats: dict) -> None:
+        self.evaluate = evaluate
+        self.config = config
+        self.max_iterations = max_iterations
+        self.stochastic = stochastic
+        self.target = target
+        self.report = report
+        self.stats = stats
+        device = self.device = target.device
+        count = self.count = len(seeds)
+        self.pixels = evaluate.pixels
+        self.x = self._starting_points(seeds)
+        dim = self.x.shape[1]
+        self.lr = float(config.lr)
+        self.max_ls = config.line_search_evals
+        self.scalar = _Scalar.of(self.x.dtype)  # the search's 0-d tensors
 
-    best = torch.full((count,), math.inf, dtype=torch.float64, device=device)
-    best_x = x[:, :pixels].clone()
-    done = torch.zeros(count, dtype=torch.long, device=device)
-    frozen = torch.zeros(count, dtype=torch.bool, device=device)  # held where they are
-    running = torch.full((count,), max_iterations > 0, dtype=torch.bool, device=device)
-    evaluations = [0] * count
-    points = torch.empty(count, dim, device=device)
+        # Each victim's state, updated in place row by row (every row handed to a search
+        # generator is a copy or a row of an engine call's output, never a view of these).
+        self.f = torch.full((count,), math.nan, device=device)  # loss at x (where known)
+        self.g = torch.zeros(count, dim, device=device)  # gradient at x
+        self.d = torch.zeros(count, dim, device=device)
+        self.t = torch.zeros(count, device=device)
+        self.prev_g = torch.zeros(count, dim, device=device)
+        self.h_diag = torch.ones(count, device=device)
+        self.n_iter = torch.zeros(count, dtype=torch.long, device=device)
+        self.history = _History(size, count, dim, device)
+        self.loss = torch.full((count,), math.nan, dtype=torch.float64, device=device)  # f at the step's start
+        # the branches of torch's step the current iteration took (for holding)
+        self.optimal = torch.zeros(count, dtype=torch.bool, device=device)
+        self.proceed = torch.zeros_like(self.optimal)
+        self.stepping = torch.zeros_like(self.optimal)
+        self.later = torch.zeros_like(self.optimal)
 
-    searches: dict = {}  # victim -> its _strong_wolfe generator
-    trials: dict = {}  # victim -> the trial t its search waits on
-    ended: dict = {}  # victim -> its search's result, this round
-    at_x: list[int] = list(range(count)) if max_iterations > 0 else []  # victims to evaluate at x
-    ready: list[int] = []  # victims whose step starts now (f and g at x known)
+        self.best = torch.full((count,), math.inf, dtype=torch.float64, device=device)
+        self.best_x = self.x[:, :self.pixels].clone()
+        self.done = torch.zeros(count, dtype=torch.long, device=device)
+        self.frozen = torch.zeros(count, dtype=torch.bool, device=device)  # held where they are
+        self.running = torch.full((count,), max_iterations > 0, dtype=torch.bool, device=device)
+        self.evaluations = [0] * count
+        self.points = torch.empty(count, dim, device=device)
 
-    def finish(rows: torch.Tensor, x_new: torch.Tensor, moved: torch.Tensor) -> list[int]:
+        self.searches: dict = {}  # victim -> its _strong_wolfe generator
+        self.trials: dict = {}  # victim -> the trial t its search waits on
+        self.ended: dict = {}  # victim -> its search's result, this round
+        self.at_x: list[int] = list(range(count)) if max_iterations > 0 else []  # victims to evaluate at x
+        self.ready: list[int] = []  # victims whose step starts now (f and g at x known)
+
+    def _starting_points(self, seeds: list[int]) -> torch.Tensor:
+        """Each victim's flat variables at the start, from its seed: its dummies, then DLG's
+        label logits (one soft label per image), drawn as the reference loop draws them."""
+        evaluate, target = self.evaluate, self.target
+        x = initial_images(evaluate.shape, seeds, "randn", self.device).reshape(len(seeds), -1)
+        if self.config.optimise_labels:
+            label_dim = target.num_classes * evaluate.per_victim
+            logits = torch.stack([torch.randn(label_dim, generator=torch.Generator().manual_seed(int(seed) + 1))
+                                  for seed in seeds]).to(self.device)
+            x = torch.cat([x, logits], dim=1)
+        return x
+
+    def run(self):
+        """The rounds until no victim needs an evaluation; then the result."""
+        reported = 0
+        while True:
+            # 1. iterations that end, steps that start
+            if self.ended:
+                self.end_searches()
+            if self.ready:
+                self.begin(sorted(self.ready))
+                self.ready.clear()
+            # 2. every victim that needs an evaluation, in one call
+            pending = sorted([*self.trials, *self.at_x])
+            if not pending:
+                break
+            index, losses, grads, gtd_new = self.evaluate_pending(pending)
+            # 3. the results to their victims
+            self.deliver(pending, index, losses, grads, gtd_new)
+            if bool(self.running.any()):
+                least = int(self.done[self.running].min())
+                if least > reported:
+                    self.report(least)
+                    reported = least
+        self.report(self.max_iterations)
+        return self.result()
+
+    def finish(self, rows: torch.Tensor, x_new: torch.Tensor, moved: torch.Tensor) -> list[int]:
         """The end of the victims' `rows` iteration (x_new: their new points): the reference
         loop's bookkeeping (best point, stopping) and holding; returns those that go on."""
-        done[rows] += 1
+        pixels, best, loss = self.pixels, self.best, self.loss
+        self.done[rows] += 1
         step_loss = loss[rows]
         improved = torch.isfinite(step_loss) & (step_loss < best[rows])
         best[rows] = torch.where(improved, step_loss, best[rows])
-        best_x[rows] = torch.where(improved.unsqueeze(1), x[rows, :pixels], best_x[rows])
-        stop = ~torch.isfinite(step_loss) | ~torch.isfinite(x_new[:, :pixels]).all(1) | (step_loss < config.min_loss)
-        if stochastic:  # evaluated afresh at x every step, as torch does
+        self.best_x[rows] = torch.where(improved.unsqueeze(1), self.x[rows, :pixels], self.best_x[rows])
+        stop = (~torch.isfinite(step_loss) | ~torch.isfinite(x_new[:, :pixels]).all(1)
+                | (step_loss < self.config.min_loss))
+        if self.stochastic:  # evaluated afresh at x every step, as torch does
             hold = torch.zeros_like(stop)
         else:
             # A deterministic victim that did not move this step would repeat it, loss and
@@ -751,66 +832,68 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
             # same t = lr and so run the same search to the same end. It is held there without
             # evaluations. (A first step's search starts from t = min(1, 1/|g|_1) lr, the next
             # from lr: a victim that did not move on its first step is not held.)
-            hold = optimal[rows] | (proceed[rows] & ~stepping[rows]) | (later[rows] & stepping[rows] & ~moved)
-        x.index_copy_(0, rows, x_new)
-        frozen[rows] |= hold & ~stop
-        go = ~stop & ~hold & (done[rows] < max_iterations)
-        running[rows] = go
+            hold = (self.optimal[rows] | (self.proceed[rows] & ~self.stepping[rows])
+                    | (self.later[rows] & self.stepping[rows] & ~moved))
+        self.x.index_copy_(0, rows, x_new)
+        self.frozen[rows] |= hold & ~stop
+        go = ~stop & ~hold & (self.done[rows] < self.max_iterations)
+        self.running[rows] = go
         return rows[go].tolist()
 
-    def begin(victims: list[int]) -> None:
+    def begin(self, victims: list[int]) -> None:
         """torch.optim.LBFGS.step (max_iter = 1) after its evaluation at x, for `victims`:
         up to the line search's first trial point (or the whole step where there is none)."""
-        rows = torch.tensor(victims, dtype=torch.long, device=device)
-        stats["stepped"] += len(victims)
+        x, d, t, f, g, lr = self.x, self.d, self.t, self.f, self.g, self.lr
+        rows = torch.tensor(victims, dtype=torch.long, device=self.device)
+        self.stats["stepped"] += len(victims)
         # (n, D) rows by index_select / index_copy_ (several times as fast as x[rows] on a
         # CPU), and no torch.where over them where every victim takes the same branch
         grad = g.index_select(0, rows)
-        loss[rows] = f[rows].double()
+        self.loss[rows] = f[rows].double()
         absolute = grad.abs()
         is_optimal = absolute.amax(1) <= TOLERANCE_GRAD  # NaN: False, as in torch
         goes = ~is_optimal
         everyone_goes = bool(goes.all())
-        first = goes & (n_iter[rows] == 0)
-        is_later = goes & (n_iter[rows] > 0)
-        n_iter[rows] += goes.long()
+        first = goes & (self.n_iter[rows] == 0)
+        is_later = goes & (self.n_iter[rows] > 0)
+        self.n_iter[rows] += goes.long()
         row_d, row_t = d.index_select(0, rows), t[rows]
         later_count = int(is_later.sum())
         direction = grad.neg() if later_count < len(victims) else None
         if later_count:
-            previous = prev_g.index_select(0, rows)
-            y = grad - previous
+            y = grad - self.prev_g.index_select(0, rows)
             s = row_d * row_t.unsqueeze(1)
             ys = _dot(y, s)
             update = is_later & (ys > 1e-10)
             if bool(update.any()):
-                history.push(rows[update], y[update], s[update], (1.0 / ys)[update])
-                h_diag[rows] = torch.where(update, ys / _dot(y, y), h_diag[rows])
+                self.history.push(rows[update], y[update], s[update], (1.0 / ys)[update])
+                self.h_diag[rows] = torch.where(update, ys / _dot(y, y), self.h_diag[rows])
             if direction is None:  # every victim past its first step
-                direction = history.direction(grad, h_diag[rows], rows)
+                direction = self.history.direction(grad, self.h_diag[rows], rows)
             else:
                 which = is_later.nonzero().squeeze(1)
-                direction[which] = history.direction(grad[which], h_diag[rows[which]], rows[which])
+                direction[which] = self.history.direction(grad[which], self.h_diag[rows[which]], rows[which])
         row_d = direction if everyone_goes else torch.where(goes.unsqueeze(1), direction, row_d)
         d.index_copy_(0, rows, row_d)
-        prev_g.index_copy_(0, rows, grad if everyone_goes else torch.where(goes.unsqueeze(1), grad,
-                                                                           prev_g.index_select(0, rows)))
+        self.prev_g.index_copy_(0, rows, grad if everyone_goes else torch.where(
+            goes.unsqueeze(1), grad, self.prev_g.index_select(0, rows)))
         inverse = 1.0 / absolute.sum(1)
         start = torch.where(inverse < 1.0, inverse, torch.ones_like(inverse)) * lr  # min(1, 1/|g|_1) lr
         row_t = torch.where(first, start, torch.where(goes, torch.full_like(row_t, lr), row_t))
         t[rows] = row_t
         gtd = _dot(grad, row_d)
         step = goes & ~(gtd > -TOLERANCE_CHANGE)
-        optimal[rows], proceed[rows], stepping[rows], later[rows] = is_optimal, goes, step, is_later
+        self.optimal[rows], self.proceed[rows], self.stepping[rows], self.later[rows] = is_optimal, goes, step, is_later
 
         if not bool(step.all()):  # the step ends here, x unchanged
             idle = rows[~step]
-            at_x.extend(finish(idle, x[idle], torch.zeros_like(idle, dtype=torch.bool)))
+            self.at_x.extend(self.finish(idle, x[idle], torch.zeros_like(idle, dtype=torch.bool)))
         if not bool(step.any()):
             return
         which = step.nonzero().squeeze(1)
         moving = rows[which]
-        if config.line_search:  # torch's _strong_wolfe, one generator per victim
+        if self.config.line_search:  # torch's _strong_wolfe, one generator per victim
+            scalar = self.scalar
             d_norms = row_d[which].abs().amax(1).tolist()
             losses_at_x, gtds, starts = f[moving].tolist(), gtd[which].tolist(), start[which].tolist()
             firsts, small = first[which].tolist(), (inverse[which] < 1.0).tolist()
@@ -818,19 +901,20 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
             for j, (k, row) in enumerate(zip(moving.tolist(), which.tolist())):
                 # torch: min(1.0, 1 / |g|_1) * lr on the first step, a tensor or a float
                 begin_t = scalar(starts[j]) if firsts[j] and small[j] else 1.0 * lr
-                searches[k] = _strong_wolfe(begin_t, losses_at_x[j], grad_rows[row], scalar(gtds[j]),
-                                            scalar(d_norms[j]), max_ls)
-                trials[k] = next(searches[k])
+                self.searches[k] = _strong_wolfe(begin_t, losses_at_x[j], grad_rows[row], scalar(gtds[j]),
+                                                 scalar(d_norms[j]), self.max_ls)
+                self.trials[k] = next(self.searches[k])
         else:
             x_new = x[moving] + row_t[which].unsqueeze(1) * row_d[which]
             moved = (x_new != x[moving]).any(1)
-            stats["moves"] += int(moved.sum())
-            at_x.extend(finish(moving, x_new, moved))  # without an evaluation: at x next step
+            self.stats["moves"] += int(moved.sum())
+            self.at_x.extend(self.finish(moving, x_new, moved))  # without an evaluation: at x next step
 
-    def end_searches() -> None:
+    def end_searches(self) -> None:
         """The victims whose search ended this round: x + t d, and the end of their iteration."""
+        x, d, ended, stats = self.x, self.d, self.ended, self.stats
         victims = sorted(ended)
-        rows = torch.tensor(victims, dtype=torch.long, device=device)
+        rows = torch.tensor(victims, dtype=torch.long, device=self.device)
         stats["searches"] += len(victims)
         for k in victims:
             searched, zoom = ended[k][3], ended[k][4]
@@ -838,75 +922,71 @@ def _solve_group(evaluate: _Evaluator, config: LBFGSConfig, seeds: list[int], ma
             stats["zoom_evaluations"] += zoom
             stats["long_searches"] += searched > 2
             stats["longest_search"] = max(stats["longest_search"], searched)
-        found_t = torch.tensor([float(ended[k][2]) for k in victims], dtype=x.dtype, device=device)
-        t[rows] = found_t
+        found_t = torch.tensor([float(ended[k][2]) for k in victims], dtype=x.dtype, device=self.device)
+        self.t[rows] = found_t
         # the same float operation as the trial points' (x + 0 d where the search kept x)
         x_rows = x.index_select(0, rows)
         x_new = x_rows + found_t.unsqueeze(1) * d.index_select(0, rows)
-        if not stochastic:  # the next step starts where the search ended: its f and g
-            f[rows] = torch.tensor([ended[k][0] for k in victims], dtype=f.dtype, device=device)
-            g.index_copy_(0, rows, torch.stack([ended[k][1] for k in victims]))
+        if not self.stochastic:  # the next step starts where the search ended: its f and g
+            self.f[rows] = torch.tensor([ended[k][0] for k in victims], dtype=self.f.dtype, device=self.device)
+            self.g.index_copy_(0, rows, torch.stack([ended[k][1] for k in victims]))
         moved = (x_new != x_rows).any(1)
         stats["moves"] += int(moved.sum())
-        going = finish(rows, x_new, moved)
-        (at_x if stochastic else ready).extend(going)
+        going = self.finish(rows, x_new, moved)
+        (self.at_x if self.stochastic else self.ready).extend(going)
         for k in victims:
-            del searches[k]
+            del self.searches[k]
         ended.clear()
 
-    reported = 0
-    while True:
-        # 1. iterations that end, steps that start
-        if ended:
-            end_searches()
-        if ready:
-            begin(sorted(ready))
-            ready.clear()
-        # 2. every victim that needs an evaluation, in one call
-        pending = sorted([*trials, *at_x])
-        if not pending:
-            break
+    def evaluate_pending(self, pending: list[int]):
+        """Step 2: the victims `pending` evaluated in one engine call — a searching one at its
+        trial point x + t d, one at x at x. Returns (their rows, losses, gradients, g.d)."""
+        x, d, points, device = self.x, self.d, self.points, self.device
         index = torch.tensor(pending, dtype=torch.long, device=device)
-        searching = [k for k in pending if k in trials]
+        searching = [k for k in pending if k in self.trials]
         if searching:
             rows = torch.tensor(searching, dtype=torch.long, device=device)
-            steps = torch.tensor([float(trials[k]) for k in searching], dtype=x.dtype, device=device)
+            steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
             # torch: p.add_(d, alpha=t), t cast to float32; end_searches forms the final x by this same expression
             points.index_copy_(0, rows, x.index_select(0, rows) + steps.unsqueeze(1) * d.index_select(0, rows))
-        if at_x:
-            rows = torch.tensor(at_x, dtype=torch.long, device=device)
+        if self.at_x:
+            rows = torch.tensor(self.at_x, dtype=torch.long, device=device)
             points.index_copy_(0, rows, x.index_select(0, rows))
-        losses, grads = evaluate(points, None if len(pending) == count else index)
-        gtd_new = _dot(grads, d.index_select(0, index))
-        # 3. the results to their victims
-        values = zip(losses.tolist(), grads.unbind(0), map(scalar, gtd_new.tolist()))
+        losses, grads = self.evaluate(points, None if len(pending) == self.count else index)
+        return index, losses, grads, _dot(grads, d.index_select(0, index))
+
+    def deliver(self, pending: list[int], index: torch.Tensor, losses: torch.Tensor, grads: torch.Tensor,
+                gtd_new: torch.Tensor) -> None:
+        """Step 3: each result to its victim — a searching one's generator takes (f, g, g.d) and
+        yields its next trial or ends its search; one evaluated at x takes its f and g and
+        starts its step next round."""
+        values = zip(losses.tolist(), grads.unbind(0), map(self.scalar, gtd_new.tolist()))
         fresh = []
         with np.errstate(all="ignore"):  # the searches' arithmetic: inf and nan without a word, as torch's
             for position, (k, value) in enumerate(zip(pending, values)):
-                evaluations[k] += 1
-                if k in trials:
+                self.evaluations[k] += 1
+                if k in self.trials:
                     try:
-                        trials[k] = searches[k].send(value)
+                        self.trials[k] = self.searches[k].send(value)
                     except StopIteration as end:
-                        del trials[k]
-                        ended[k] = end.value
+                        del self.trials[k]
+                        self.ended[k] = end.value
                 else:
                     fresh.append(position)
         if fresh:
-            where = torch.tensor(fresh, dtype=torch.long, device=device)
+            where = torch.tensor(fresh, dtype=torch.long, device=self.device)
             rows = index[where]
-            f[rows] = losses[where]
-            g.index_copy_(0, rows, grads.index_select(0, where))
-            ready.extend(rows.tolist())
-        at_x.clear()
-        if bool(running.any()):
-            least = int(done[running].min())
-            if least > reported:
-                report(least)
-                reported = least
-    report(max_iterations)
+            self.f[rows] = losses[where]
+            self.g.index_copy_(0, rows, grads.index_select(0, where))
+            self.ready.extend(rows.tolist())
+        self.at_x.clear()
 
-    done = torch.where(frozen, torch.full_like(done, max_iterations), done)
-    found = x[:, pixels:].softmax(-1).argmax(-1) if config.optimise_labels else None
-    return (best_x.view(count, *target.input_shape), found, done.cpu().tolist(),
-            best.cpu().tolist(), evaluations)
+    def result(self):
+        """(best images, found labels or None, iterations — a held victim's at max_iterations,
+        as the reference counts them — best losses, evaluations) per victim."""
+        count, evaluate = self.count, self.evaluate
+        done = torch.where(self.frozen, torch.full_like(self.done, self.max_iterations), self.done)
+        found = (self.x[:, self.pixels:].view(count, evaluate.per_victim, -1).softmax(-1).argmax(-1)
+                 if self.config.optimise_labels else None)
+        return (self.best_x.view(count, *evaluate.shape), found, done.cpu().tolist(),
+                self.best.cpu().tolist(), self.evaluations)

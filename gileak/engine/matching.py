@@ -1,8 +1,12 @@
 """Gradient matching for many independent victims at once with torch.func.
 
-Each victim i has its own dummy image, its own Adam state, learning rate, plateau schedule and
-stopping; per-victim dummy gradients come from `vmap` over `grad` of the client loss, so victim
-i's trajectory depends only on its own seed and shared gradient, batched or alone. Where the
+Each victim i has its own dummy image — a batch of M dummies when its client holds M images
+(`Target.images_per_victim`), matched jointly — its own Adam state, learning rate, plateau
+schedule and stopping; per-victim simulated uploads come from `vmap` over `grad` of the
+client's simulation (`Target.simulate`: one gradient on the batch, or the unrolled local steps
+of fedavg), so victim i's trajectory depends only on its own seed and upload, batched or alone —
+the noise of a stochastic model too, drawn from the victim's own stream (`gileak.noise`), one
+sample per image. Where the
 model allows it (Conv2d / Linear stacks, with or without the variational bottlenecks), the
 factored fast path of `gileak.engine.fast` computes the same per-victim losses and image
 gradients from per-layer factors instead of vmap; `MatchingConfig.factored=False` or any other
@@ -14,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from gileak.base import GradientTrace, Reconstruction
-from gileak.engine.schedule import PerVictimAdam, PlateauAndStop
+from gileak.engine.schedule import PerVictimAdam, make_schedule
+from gileak.noise import VictimStreams, predrawn, record_draws
 from gileak.threat import Target
 
 
@@ -29,6 +34,9 @@ class MatchingConfig:
     tv_weight: float = 0.01
     lr: float = 1.0
     signed: bool = True  # Adam on the sign of the image gradient, as the authors' code does
+    #: "plateau": lr x plateau_factor after plateau_patience iterations without a better loss (the
+    #: paper's); "step" / "cosine": lr set by the iteration's place in the budget (engine.schedule).
+    schedule: str = "plateau"
     plateau_patience: int = 400
     plateau_factor: float = 0.1
     stop_patience: int = 4000
@@ -41,6 +49,29 @@ class MatchingConfig:
     #: With `vectorized`, use the factored fast path (gileak.engine.fast) where the model allows
     #: it; False (or an unsupported model) uses vmap(grad(...)).
     factored: bool = True
+
+
+def victim_shape(target: Target) -> tuple[int, ...]:
+    """The shape of one victim's dummies: (C, H, W), or (M, C, H, W) when it holds M > 1 images."""
+    per_victim = target.images_per_victim
+    return tuple(target.input_shape) if per_victim == 1 else (per_victim, *target.input_shape)
+
+
+def victim_labels(target: Target, labels: torch.Tensor) -> torch.Tensor:
+    """Labels listed image by image (N·M,) as (N, M) per victim; (N,) when M = 1."""
+    per_victim = target.images_per_victim
+    return labels if per_victim == 1 else labels.reshape(-1, per_victim)
+
+
+def as_images(target: Target, images: torch.Tensor) -> torch.Tensor:
+    """Per-victim dummies (N, *victim_shape) listed image by image, (N·M, C, H, W)."""
+    return images.reshape(-1, *target.input_shape)
+
+
+def image_rows(victims: list[int], per_victim: int) -> list[int]:
+    """The victim of each row of a batched forward of the victims' images, M rows each: the
+    rows a factored engine's forward hands `gileak.noise.VictimStreams.rows`."""
+    return [victim for victim in victims for _ in range(per_victim)]
 
 
 def minmax_scale(images: torch.Tensor) -> torch.Tensor:
@@ -94,22 +125,20 @@ def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 
 def make_victim_loss(target: Target, config: MatchingConfig) -> Callable:
-    """loss(image, label, shared_gradient_tuple) -> (total, aux) for ONE victim; aux holds the
-    gradient distance and, when tracing, the per-layer cosine similarities (one per layer of
+    """loss(images, labels, shared_gradient_tuple) -> (total, aux) for ONE victim: its dummies
+    (`victim_shape`), labels (M,) (a scalar when M = 1) or label probabilities (M, classes)
+    ((classes,) when M = 1), and its upload in gradient units; aux holds the gradient distance
+    and, when tracing, the per-layer cosine similarities (one per layer of
     `victim_loss.layers`). `shared_gradient_tuple` follows `victim_loss.names`."""
     names = list(config.keep) if config.keep is not None else list(target.params)
     groups = layer_groups(target) if config.trace else {}
     # The dummy gradient is taken for the matched parameters only, or for all when tracing.
     wanted = list(dict.fromkeys(names + [n for g in groups.values() for n in g]))
-    kept = {n: target.params[n] for n in wanted}
-    rest = {n: p for n, p in target.params.items() if n not in kept}
-    rest.update(target.frozen)
 
-    def dummy_gradient(image, label):
-        def loss_of_params(params):
-            return target.loss({**params, **rest}, image.unsqueeze(0), label.unsqueeze(0))
-
-        return grad(loss_of_params)(kept)
+    def dummy_gradient(images, labels):
+        if images.dim() == len(target.input_shape):  # one image (the paper's client)
+            images, labels = images.unsqueeze(0), labels.unsqueeze(0)
+        return target.simulate(target.params, target.frozen, images, labels, wanted)
 
     def victim_loss(image, label, shared):
         dummy = dummy_gradient(image, label)
@@ -191,25 +220,39 @@ def gradient_matching(
     if len(seeds) != num_victims:
         raise ValueError(f"{len(seeds)} seeds for {num_victims} victims")
     victim_loss = make_victim_loss(target, config)
-    shared = tuple(target.shared_gradient[n].to(device) for n in victim_loss.names)
-    labels = labels.to(device)
+    uploads = target.shared_in_gradient_units()
+    shared = tuple(uploads[n].to(device) for n in victim_loss.names)
+    labels = victim_labels(target, labels.to(device))
     low, high = target.pixel_range
 
-    images = initial_images(target.input_shape, seeds, config.init, device)
+    images = initial_images(victim_shape(target), seeds, config.init, device)
     best_images = images.clone()
     lr = torch.full((num_victims,), float(config.lr), device=device)
     adam = PerVictimAdam(lr)
-    schedule = PlateauAndStop(num_victims, factor=config.plateau_factor, patience=config.plateau_patience,
-                              stop_patience=config.stop_patience, min_loss=config.min_loss, device=device)
+    schedule = make_schedule(config.schedule, num_victims, lr=float(config.lr), total=max_iterations,
+                             plateau_patience=config.plateau_patience, plateau_factor=config.plateau_factor,
+                             stop_patience=config.stop_patience, min_loss=config.min_loss, device=device)
     active = torch.ones(num_victims, dtype=torch.bool, device=device)
     iterations = torch.zeros(num_victims, dtype=torch.long, device=device)
 
     trace_rows: list[torch.Tensor] = []
     step = grad_and_value(victim_loss, has_aux=True)
-    batched_step = vmap(step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
+    # Victim i's noise (stochastic modules in training mode) comes from its own stream: under
+    # vmap pre-drawn per victim and handed in, elsewhere drawn row by row (gileak.noise).
+    streams = VictimStreams(seeds, "attack")
+    everyone = list(range(num_victims))
     fast = factored_engine(target, config, victim_loss)
     choice.record(("chain" if fast.chain is not None else "factored") if fast is not None
                   else "vmap" if config.vectorized else "loop")
+    draws: list = []
+    if fast is None and config.vectorized:
+        draws = record_draws(step, images[0], labels[0], tuple(s[0] for s in shared))
+
+    def noisy_step(image, label, shared_gradient, noise):
+        with predrawn(noise, [kind for kind, _, _ in draws]):
+            return step(image, label, shared_gradient)
+
+    batched_step = vmap(noisy_step, randomness="different", chunk_size=vmap_chunk(target, num_victims))
 
     for _ in range(max_iterations):
         if not bool(active.any()):
@@ -217,7 +260,8 @@ def gradient_matching(
         if fast is not None:
             # Stopped victims are left out of the work; their rows are ignored below.
             index = None if bool(active.all()) else active.nonzero().squeeze(1)
-            part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
+            with streams.rows(image_rows(everyone if index is None else index.tolist(), target.images_per_victim)):
+                part_grads, part_losses, part_cosines = fast.step(images, labels, shared, index)
             if index is None:
                 image_grads, losses, cosines = part_grads, part_losses, part_cosines
             else:
@@ -228,13 +272,17 @@ def gradient_matching(
                     cosines = torch.full((num_victims, part_cosines.shape[1]), float("nan"),
                                          device=device).index_copy(0, index, part_cosines)
         elif config.vectorized:
-            image_grads, (losses, aux) = batched_step(images, labels, shared)
+            noise = streams.predraw(everyone, draws, device)
+            image_grads, (losses, aux) = batched_step(images, labels, shared, noise)
             cosines = aux[1] if config.trace else None
         else:
-            results = [
-                step(images[i], labels[i], tuple(s[i] for s in shared)) if active[i] else None
-                for i in range(num_victims)
-            ]
+            results = []
+            for i in range(num_victims):
+                if not active[i]:
+                    results.append(None)
+                    continue
+                with streams.victim(i):
+                    results.append(step(images[i], labels[i], tuple(s[i] for s in shared)))
             image_grads = torch.stack([r[0] if r is not None else torch.zeros_like(images[i]) for i, r in enumerate(results)])
             losses = torch.stack([r[1][0] if r is not None else torch.zeros((), device=device) for r in results])
             cosines = None
@@ -248,7 +296,7 @@ def gradient_matching(
 
         # The loss is of the current images: remember the best before stepping away from them.
         lr_next, improved, still_active = schedule.update(losses, adam.lr, active)
-        best_images = torch.where(improved.view(-1, 1, 1, 1), images, best_images)
+        best_images = torch.where(improved.view(-1, *[1] * (images.dim() - 1)), images, best_images)
         image_grads = image_grads.detach()
         if config.signed:
             image_grads = image_grads.sign()
@@ -259,13 +307,13 @@ def gradient_matching(
         if progress is not None:
             progress(1)
 
-    final = best_images
+    final = as_images(target, best_images)
     if config.minmax:
         final = minmax_scale(final)
     return Reconstruction(
         images=final.detach().cpu(),
         iterations=iterations.cpu().tolist(),
         final_loss=schedule.best.cpu().tolist(),
-        labels=labels.cpu(),
+        labels=labels.reshape(-1).cpu(),
         trace=GradientTrace(victim_loss.layers, torch.stack(trace_rows)) if config.trace and trace_rows else None,
     )

@@ -111,3 +111,66 @@ class PlateauAndStop:
                                       torch.where(active, self.since_best + 1, self.since_best))
         still_active = active & (loss >= self.min_loss) & (self.since_best < self.stop_patience)
         return lr, improved, still_active
+
+
+#: Learning-rate schedules of the gradient-matching engine (MatchingConfig.schedule).
+SCHEDULES = ("plateau", "step", "cosine")
+
+
+def budget_factor(kind: str, iteration: int, total: int) -> float:
+    """The share of the initial learning rate at `iteration` (0-based) of a `total`-iteration
+    budget: "step" is Inverting Gradients' own schedule, x0.1 at about 3/8, 5/8 and 7/8 of the
+    budget (Geiping et al.'s MultiStepLR milestones, total // 2.667, // 1.6, // 1.142); "cosine"
+    half a cosine from 1 down to 0."""
+    import math
+
+    if kind == "step":
+        return 0.1 ** sum(iteration >= total // divisor for divisor in (2.667, 1.6, 1.142))
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
+    raise ValueError(f"Unknown budget schedule '{kind}' (use step or cosine)")
+
+
+@dataclass
+class BudgetDecayAndStop:
+    """A learning rate set by the iteration's place in the budget (`budget_factor`), plus the same
+    stopping rules as PlateauAndStop: loss below `min_loss`, no decrease for `stop_patience`
+    iterations. Same interface as PlateauAndStop, so the engine loop takes either."""
+
+    num_victims: int
+    kind: str
+    initial_lr: float
+    total: int
+    stop_patience: int = 10**9
+    min_loss: float = 1e-5
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        budget_factor(self.kind, 0, self.total)  # an unknown kind fails here, not mid-attack
+        self.iteration = 0
+        self.best = torch.full((self.num_victims,), float("inf"), device=self.device)
+        self.since_best = torch.zeros(self.num_victims, dtype=torch.long, device=self.device)
+
+    def update(self, loss: torch.Tensor, lr: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Take this iteration's losses; return (next iteration's lr, improved mask, still-active mask)."""
+        self.iteration += 1
+        lr = torch.where(active, torch.full_like(lr, self.initial_lr * budget_factor(self.kind, self.iteration, self.total)), lr)
+        improved = active & (loss < self.best)
+        self.best = torch.where(improved, loss, self.best)
+        self.since_best = torch.where(improved, torch.zeros_like(self.since_best),
+                                      torch.where(active, self.since_best + 1, self.since_best))
+        still_active = active & (loss >= self.min_loss) & (self.since_best < self.stop_patience)
+        return lr, improved, still_active
+
+
+def make_schedule(kind: str, num_victims: int, *, lr: float, total: int, plateau_patience: int, plateau_factor: float,
+                  stop_patience: int, min_loss: float, device) -> PlateauAndStop | BudgetDecayAndStop:
+    """The per-victim schedule of one attack: "plateau" (ReduceLROnPlateau, the paper's rule) or a
+    budget decay ("step", "cosine")."""
+    if kind == "plateau":
+        return PlateauAndStop(num_victims, factor=plateau_factor, patience=plateau_patience,
+                              stop_patience=stop_patience, min_loss=min_loss, device=device)
+    if kind in ("step", "cosine"):
+        return BudgetDecayAndStop(num_victims, kind, lr, total, stop_patience=stop_patience, min_loss=min_loss,
+                                  device=device)
+    raise ValueError(f"Unknown schedule '{kind}' (use one of: {', '.join(SCHEDULES)})")
