@@ -271,7 +271,10 @@ class FactoredMatching:
         laid_out, squares = self._prepare(shared)
         if index is not None:  # index_select: 1.5-4x as fast as t[index] on a CPU
             images, labels = images.index_select(0, index), labels.index_select(0, index)
-            laid_out = {n: tuple(t.index_select(0, index) for t in s) for n, s in laid_out.items()}
+            # the victims' shared gradients gathered into buffers kept between steps (fresh
+            # memory for them on every L-BFGS evaluation cost more than the gather)
+            laid_out = {n: tuple(torch.index_select(t, 0, index, out=self._buffer(("shared", n, j), t)(
+                (index.numel(), *t.shape[1:]))) for j, t in enumerate(s)) for n, s in laid_out.items()}
             squares = {n: s.index_select(0, index) for n, s in squares.items()}
         batched = images.shape
         images = images.reshape(-1, *self.target.input_shape)
@@ -458,9 +461,10 @@ class FactoredMatching:
                     grad_t = torch.bmm(u, g.transpose(1, 2), out=out)  # G^T (n, fan_in, fan_out)
                     term["grad_t"] = grad_t
                     flat = grad_t.view(n, -1)
-                    if euclidean:
-                        term["diff"] = grad_t - shared[0]
-                        diffs[layer.weight] = _squares(term["diff"].view(n, -1))
+                    if euclidean:  # G − S in G's buffer where G itself is not needed again
+                        diff = grad_t.sub_(shared[0]) if not cosine else grad_t - shared[0]
+                        term["diff"] = diff
+                        diffs[layer.weight] = _squares(diff.view(n, -1))
                     if cosine:
                         norms[layer.weight] = _squares(flat)
                         product = torch.mul(flat, shared[0].view(n, -1), out=self._buffer(("product", i), flat)(flat.shape))
