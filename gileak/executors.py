@@ -90,7 +90,10 @@ def run_pool(runner: Runner, lpips_available: bool, devices: list[str]) -> None:
     from gileak.runner import cell_id
 
     spec_json = runner.spec.model_dump_json()
-    threads = max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else None
+    import torch
+
+    # the threads this process would use (--threads, else one per core), split between workers
+    threads = max(1, torch.get_num_threads() // len(devices)) if devices[0] == "cpu" else None
     context = multiprocessing.get_context("spawn")
     pending = list(runner.todo)
     runner.describe(f"{len(pending)} cell(s) on {len(devices)} worker process(es): {', '.join(devices)}")

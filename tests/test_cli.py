@@ -157,3 +157,42 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "bench", "--datasets", "digits", "--out", str(tmp_path / "run"))
     text = " ".join(err.split())
     assert code == 130 and f"--out {tmp_path / 'run'}" in text and "Traceback" not in text
+
+
+def test_threads_sets_pytorchs_threads_and_a_busy_machine_gets_a_hint(capsys, tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from gileak.cli.bench import busy_hint
+    from gileak.store import ResultStore
+
+    assert busy_hint(0.1, 2, 2) is None  # a quiet machine
+    assert busy_hint(1.0, 2, 1) is None  # the threads fit the free core
+    hint = busy_hint(1.2, 2, 2)
+    assert "--threads 1" in hint and "keep 1.2 of its 2 cores busy" in hint
+    assert "--threads 1" in busy_hint(7.5, 4, 4)  # never fewer than one thread
+
+    before = torch.get_num_threads()
+    from gileak.cli import bench as bench_command
+
+    monkeypatch.setattr(bench_command, "busy_cores", lambda: float(os.cpu_count() or 1))
+    try:
+        code, out, err = run(capsys, "bench", "--datasets", "digits", "--victims", "1", "--iterations", "2",
+                             "--threads", "1", "--out", str(tmp_path / "run"))
+        assert code == 0, out + err
+        assert torch.get_num_threads() == 1
+        assert "this machine is busy" not in " ".join(out.split())  # one thread fits the one free core
+        [result] = ResultStore(tmp_path / "run", read_only=True).results()
+        assert result.env["threads"] == 1
+        torch.set_num_threads(2)
+        code, out, err = run(capsys, "bench", "--datasets", "digits", "--victims", "1", "--iterations", "2",
+                             "--out", str(tmp_path / "run2"))
+        assert code == 0 and ("this machine is busy" in " ".join(out.split())) == ((os.cpu_count() or 1) >= 2)
+    finally:
+        torch.set_num_threads(before)
+    code, out, err = run(capsys, "bench", "--datasets", "digits", "--threads", "0")
+    assert code == 2 and "Traceback" not in out + err
+    monkeypatch.undo()
+    busy = bench_command.busy_cores(0.05)  # measured for real: this process sleeps meanwhile
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9

@@ -94,6 +94,8 @@ def bench(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Local executor: cells run in this many worker "
                                                    "processes. [default: one per GPU when there are several, "
                                                    "else 1]")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads PyTorch computes with (split between "
+                                                   "--workers). [default: PyTorch's, one per core]")] = None,
 ) -> None:
     """Train (optionally) and attack every cell of the matrix; print a leaderboard."""
     from gileak.errors import UserInputError
@@ -113,10 +115,15 @@ def bench(
     for path in bench_spec.exports:
         check_export_path(path)
     console = cli_console()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if dry_run:
         _dry_run(bench_spec, console)
         return
     the_plan = plan(bench_spec)
+    _warn_if_busy(bench_spec.device, console)
     run_dir = bench_spec.out or _default_out()
     state.run_dir = run_dir
     # Everything that can refuse the command (device, executor, --out, the directory's lock and
@@ -124,6 +131,56 @@ def bench(
     with Runner(the_plan, run_dir, debug=state.debug, executor=executor, workers=workers,
                 ray_address=ray_address) as runner:
         _run(runner, the_plan, bench_spec, run_dir, console)
+
+
+def busy_hint(busy: float, cores: int, threads: int) -> str | None:
+    """A hint for a CPU run whose threads outnumber the cores other processes leave free (`busy`:
+    the cores they kept busy just before the run): PyTorch's threads then spin-wait for one
+    another at every operation, and the run can be several times slower than with fewer threads
+    (docs/performance.md: 3-17x with other work on 2 cores). None when they fit."""
+    free = max(1, int(cores - busy + 0.5))
+    if threads <= free:
+        return None
+    return (f"this machine is busy (other processes keep {busy:.1f} of its {cores} cores busy) and PyTorch "
+            f"computes with {threads} threads: they wait for each other where a core is taken, which can make "
+            f"the run several times slower. --threads {free} fits the free cores.")
+
+
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """How many cores were busy over the next `seconds` (Linux's /proc/stat; this process sleeps
+    meanwhile, so it is the other processes' load, now — not the load average, which still
+    counts what ended a minute ago). None where /proc/stat cannot be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # all, idle + iowait
+
+    try:
+        total_a, idle_a = sample()
+        time.sleep(seconds)
+        total_b, idle_b = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total_b <= total_a:
+        return None
+    import os
+
+    return (os.cpu_count() or 1) * (1 - (idle_b - idle_a) / (total_b - total_a))
+
+
+def _warn_if_busy(device: str, console: Console) -> None:
+    import os
+
+    import torch
+
+    from gileak.runner import pick_device
+
+    if pick_device(device) != "cpu":
+        return
+    busy = busy_cores()
+    hint = None if busy is None else busy_hint(busy, os.cpu_count() or 1, torch.get_num_threads())
+    if hint:
+        console.print(styled(("note", "yellow"), f" {hint}"), highlight=False)
 
 
 def _run(runner, the_plan, bench_spec, run_dir: Path, console: Console) -> None:
