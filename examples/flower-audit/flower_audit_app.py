@@ -59,11 +59,12 @@ def samples(indices: list[int]):
 # -- ClientApp ----------------------------------------------------------------------------------
 
 
-def make_client_app(privacy: str = "none", clip: float = 1.0, epsilon: float = 50.0) -> ClientApp:
+def make_client_app(privacy: str = "none", clip: float = 1.0, epsilon: float = 50.0, reveal: bool = True) -> ClientApp:
     """The client: plain SGD for `local-steps` steps on batches of `batch-size` of its own images.
     `privacy`: none, fixedclipping (Flower's central DP, clipped on the client) or localdp
-    (Flower's LocalDpMod). `reveal_samples_mod` lets the audit score against the real images."""
-    mods = [reveal_samples_mod]
+    (Flower's LocalDpMod). `reveal_samples_mod` (with `reveal`) lets the audit score against the
+    real images; without it the audit's rows are unscored."""
+    mods = [reveal_samples_mod] if reveal else []
     if privacy == "fixedclipping":
         mods.append(fixedclipping_mod)
     elif privacy == "localdp":

@@ -318,13 +318,14 @@ class AuditStrategy(Strategy):
             except Exception as e:
                 log.warning("gileak audit: round %s could not be read: %s", server_round, e)
                 collected = ("round", f"the audit could not read round {server_round}'s replies: {e}", {})
-        result = self.strategy.aggregate_train(server_round, replies)
-        if collected is not None:
-            try:
-                self._audit(server_round, collected)
-            except Exception as e:
-                log.exception("gileak audit: round %s failed: %s", server_round, e)
-        return result
+        try:
+            return self.strategy.aggregate_train(server_round, replies)
+        finally:  # even when the wrapped strategy refuses the replies: what was received is audited
+            if collected is not None:
+                try:
+                    self._audit(server_round, collected)
+                except Exception as e:
+                    log.exception("gileak audit: round %s failed: %s", server_round, e)
 
     # -- the audit --------------------------------------------------------------------------
     def _collect(self, server_round: int, replies: list[Message], taken: list, sent: _Sent | None):
