@@ -332,3 +332,12 @@ def test_the_example_app_runs_end_to_end_with_and_without_cvb(tmp_path, capsys, 
     assert rows[("none", "ig")].status == "ok" and rows[("cvb", "ig")].status == "ok"
     assert rows[("cvb", "ignore")].status == "ok"
     assert cli(["leaderboard", str(out)]) == 0
+
+
+def test_a_round_whose_train_messages_the_audit_never_saw_is_a_failed_row_not_a_crash(tmp_path):
+    out = tmp_path / "run"
+    with flower.AuditStrategy(fedavg(2), net=tiny_net(), input_shape=SHAPE, out=out, rounds=[1]) as wrapped:
+        assert wrapped.fraction_train == 1.0  # everything else is the wrapped strategy's
+        assert wrapped.aggregate_train(1, []) == (None, None)  # what FedAvg answers to no replies
+    (result,) = stored(out)
+    assert result.status == "failed" and "not seen by the audit" in result.error and not result.victims

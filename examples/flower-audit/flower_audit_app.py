@@ -21,7 +21,7 @@ from gileak.runner import build_net
 #: The run config (Flower's `run_config`; `run.py` and pyproject.toml set it).
 DEFAULTS = {
     "defense": "none", "privacy": "none", "num-rounds": 3, "batch-size": 4, "local-steps": 2, "lr": 0.05,
-    "audit-rounds": "1,3", "audit-clients": 2, "attacks": "ig", "iterations": 200, "out": "flower-audit-run",
+    "audit-rounds": "1,3", "audit-clients": 2, "attacks": "ig,ignore", "iterations": 200, "out": "flower-audit-run",
     "clip": 1.0, "noise": 0.1, "epsilon": 50.0, "seed": 0,
 }
 
