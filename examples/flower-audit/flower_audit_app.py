@@ -20,8 +20,8 @@ from gileak.runner import build_net
 
 #: The run config (Flower's `run_config`; `run.py` and pyproject.toml set it).
 DEFAULTS = {
-    "defense": "none", "privacy": "none", "num-rounds": 3, "batch-size": 4, "local-steps": 2, "lr": 0.05,
-    "audit-rounds": "1,3", "audit-clients": 2, "attacks": "ig,ignore", "iterations": 200, "out": "flower-audit-run",
+    "defense": "none", "privacy": "none", "num-rounds": 3, "batch-size": 2, "local-steps": 2, "lr": 0.05,
+    "audit-rounds": "2", "audit-clients": 2, "attacks": "ig", "iterations": 100, "out": "flower-audit-run",
     "clip": 1.0, "noise": 0.1, "epsilon": 50.0, "seed": 0,
 }
 
@@ -137,7 +137,7 @@ def main(grid: Grid, context: Context) -> None:
     with AuditStrategy(strategy, net=net, input_shape=shape, out=str(config["out"]), attacks=str(config["attacks"]),
                        rounds=rounds, max_clients=int(config["audit-clients"]), iterations=int(config["iterations"]),
                        dataset="digits", model="cnn", defense=str(config["defense"]), client_mods=client_mods,
-                       samples=samples, seed=int(config["seed"])) as audit:
+                       samples=samples, base_net=make_net("none"), seed=int(config["seed"])) as audit:
         audit.start(grid=grid, initial_arrays=ArrayRecord(net.state_dict()), num_rounds=int(config["num-rounds"]),
                     train_config=ConfigRecord({"lr": float(config["lr"])}), evaluate_fn=evaluate)
     print(f"test accuracy after each round: {accuracy}")

@@ -14,9 +14,10 @@ from flower_audit_app import DEFAULTS, make_client_app, server_app  # noqa: E402
 
 from gileak.integrations.flower import run_in_process  # noqa: E402
 
-#: (gileak defense in the model, Flower privacy mod): one Flower run each.
-VARIANTS = {"none": ("none", "none"), "cvb": ("cvb", "none"), "fixedclipping": ("none", "fixedclipping"),
-            "localdp": ("none", "localdp")}
+#: (gileak defense in the model, Flower privacy mod, extra attacks): one Flower run each. `ignore`
+#: (the paper's attack on variational bottlenecks) is IG itself on a model without one.
+VARIANTS = {"none": ("none", "none", ""), "cvb": ("cvb", "none", "ignore"),
+            "fixedclipping": ("none", "fixedclipping", ""), "localdp": ("none", "localdp", "")}
 
 
 def main() -> None:
@@ -31,10 +32,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=DEFAULTS["iterations"])
     args = parser.parse_args()
     for name in args.variants.split(","):
-        defense, privacy = VARIANTS[name.strip()]
+        defense, privacy, extra = VARIANTS[name.strip()]
+        attacks = ",".join(filter(None, [args.attacks, extra]))
         run_config = {**DEFAULTS, "defense": defense, "privacy": privacy, "out": args.out, "num-rounds": args.rounds,
                       "audit-rounds": args.audit_rounds, "audit-clients": args.audit_clients,
-                      "attacks": args.attacks, "iterations": args.iterations}
+                      "attacks": attacks, "iterations": args.iterations}
         started = time.perf_counter()
         client_app = make_client_app(privacy, float(DEFAULTS["clip"]), float(DEFAULTS["epsilon"]))
         run_in_process(server_app, client_app, args.nodes, run_config)

@@ -212,13 +212,16 @@ class AuditStrategy(Strategy):
     `reveal_samples_mod` disclosed; without it (or without the mod) every row is unscored.
     `dataset`, `model`, `defense`: the row labels; `client_mods`: the client-side mods the app
     uses and the server cannot see (`LocalDpMod(...)` objects or labels), named in the defense
-    column. Flower's `fixedclipping_mod` is found by the clipping norm the server sends."""
+    column. Flower's `fixedclipping_mod` is found by the clipping norm the server sends.
+    `base_net`: the model without `defense`, for the params (+%) column (without it, +% is
+    measured against `net` itself, which is right only for defenses that add no parameters)."""
 
     def __init__(self, strategy: Strategy, *, net: nn.Module, input_shape: Sequence[int], out: str | Path,
                  attacks: str = "ig(labels=recover)", rounds: Iterable[int] = (1,), max_clients: int = 4,
                  iterations: int = 300, dataset: str = "flower", model: str = "model", defense: str = "none",
                  client_mods: Sequence[Any] = (), samples: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
-                 | None = None, device: str = "cpu", seed: int = 0, write_report: bool = True) -> None:
+                 | None = None, base_net: nn.Module | None = None, device: str = "cpu", seed: int = 0,
+                 write_report: bool = True) -> None:
         from gileak import runner
         from gileak.spec import parse_components
         from gileak.store import ResultStore, RunLock, check_run_dir
@@ -255,6 +258,14 @@ class AuditStrategy(Strategy):
                 raise UserInputError(f"the audited model does not take inputs of shape {self.input_shape}: {e}") from e
             self.net.train(was_training)
         self.num_classes = int(out_shape[-1])
+        from gileak.nets import count_trainable
+
+        self.params = count_trainable(self.net)
+        base = self.params if base_net is None else count_trainable(base_net)
+        self.params_added_pct = 100.0 * (self.params - base) / base if base else 0.0
+        self.base_note = [] if base_net is not None or self.labels["defense"] == "none" else [
+            f"params (+%) is against the audited model itself: give the audit base_net= (the model without "
+            f"{self.labels['defense']}) to count what the defense adds"]
         self.out = Path(out)
         check_run_dir(self.out)
         self.lock = RunLock(self.out)
@@ -533,7 +544,6 @@ class AuditStrategy(Strategy):
     def _put(self, server_round: int, defense: str, notes: list[str], attack, client, status: str,
              error: str | None, *, seconds: float = 0.0, victims=None, note: str | None = None, originals=None,
              reconstructions=None, key_suffix: str = "", engine: dict | None = None) -> None:
-        from gileak.nets import count_trainable
         from gileak.report.figures import save_reconstruction_grid
         from gileak.report.images import save_victim_images
         from gileak.store import StoredResult, environment
@@ -546,8 +556,9 @@ class AuditStrategy(Strategy):
             cell=cell, attack=key, dataset=self.labels["dataset"], model=self.labels["model"], defense=defense,
             seed=server_round, attack_label=attack.label, position=self._position, status=status, error=error,
             note=note, seconds=seconds, victims=victims or [], client=client.label,
-            params=count_trainable(self.net), params_added_pct=0.0, attacked_round=server_round,
-            cell_notes=["the seed column is the Flower server round that was audited", *notes], env=env))
+            params=self.params, params_added_pct=self.params_added_pct, attacked_round=server_round,
+            cell_notes=["the seed column is the Flower server round that was audited", *notes, *self.base_note],
+            env=env))
         self._position += 1
         if status == "ok":
             slug = self._slug(server_round, defense, client.label, attack.label, cell, key)
