@@ -1,0 +1,1 @@
+"""Bridges from federated-learning frameworks to gileak's attacks (each needs its own extra)."""
