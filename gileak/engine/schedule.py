@@ -75,6 +75,18 @@ def _fused_adam_supported(params: torch.Tensor) -> bool:
             and params.dtype in (torch.float32, torch.float64) and params.is_contiguous())
 
 
+def _best_and_stop(schedule, loss: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stopping rules every schedule shares, on its `best`, `since_best`, `min_loss` and
+    `stop_patience`: (improved mask, still-active mask) — a victim stops below min_loss or after
+    stop_patience iterations without a new best."""
+    improved = active & (loss < schedule.best)
+    schedule.best = torch.where(improved, loss, schedule.best)
+    schedule.since_best = torch.where(improved, torch.zeros_like(schedule.since_best),
+                                      torch.where(active, schedule.since_best + 1, schedule.since_best))
+    still_active = active & (loss >= schedule.min_loss) & (schedule.since_best < schedule.stop_patience)
+    return improved, still_active
+
+
 @dataclass
 class PlateauAndStop:
     """ReduceLROnPlateau (mode min, relative threshold) per victim, plus the paper's stopping
@@ -105,12 +117,7 @@ class PlateauAndStop:
         lr = torch.where(reduce, lr * self.factor, lr)
         self.plateau_bad = torch.where(reduce, torch.zeros_like(self.plateau_bad), self.plateau_bad)
 
-        improved = active & (loss < self.best)
-        self.best = torch.where(improved, loss, self.best)
-        self.since_best = torch.where(improved, torch.zeros_like(self.since_best),
-                                      torch.where(active, self.since_best + 1, self.since_best))
-        still_active = active & (loss >= self.min_loss) & (self.since_best < self.stop_patience)
-        return lr, improved, still_active
+        return (lr, *_best_and_stop(self, loss, active))
 
 
 #: Learning-rate schedules of the gradient-matching engine (MatchingConfig.schedule).
@@ -155,12 +162,7 @@ class BudgetDecayAndStop:
         """Take this iteration's losses; return (next iteration's lr, improved mask, still-active mask)."""
         self.iteration += 1
         lr = torch.where(active, torch.full_like(lr, self.initial_lr * budget_factor(self.kind, self.iteration, self.total)), lr)
-        improved = active & (loss < self.best)
-        self.best = torch.where(improved, loss, self.best)
-        self.since_best = torch.where(improved, torch.zeros_like(self.since_best),
-                                      torch.where(active, self.since_best + 1, self.since_best))
-        still_active = active & (loss >= self.min_loss) & (self.since_best < self.stop_patience)
-        return lr, improved, still_active
+        return (lr, *_best_and_stop(self, loss, active))
 
 
 def make_schedule(kind: str, num_victims: int, *, lr: float, total: int, plateau_patience: int, plateau_factor: float,
