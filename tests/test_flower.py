@@ -342,3 +342,18 @@ def test_a_round_whose_train_messages_the_audit_never_saw_is_a_failed_row_not_a_
         assert wrapped.aggregate_train(1, []) == (None, None)  # what FedAvg answers to no replies
     (result,) = stored(out)
     assert result.status == "failed" and "not seen by the audit" in result.error and not result.victims
+
+
+def test_which_clients_are_audited_does_not_depend_on_the_order_replies_come_in(tmp_path):
+    """Flower's sampling shuffles the nodes: the audit takes the max_clients of lowest node id, so
+    a rerun of a seeded app attacks the same clients' uploads."""
+    import random
+
+    found = []
+    for seed in (0, 1, 2, 3):
+        random.seed(seed)
+        out = tmp_path / f"run{seed}"
+        flower.run_in_process(serve(audit(out, nodes=4, max_clients=2), rounds=1), sgd_client(), 4)
+        [result] = stored(out)
+        found.append(sorted(v.victim for v in result.victims))
+    assert len(found[0]) == 8 and all(f == found[0] for f in found)

@@ -349,7 +349,9 @@ class AuditStrategy(Strategy):
             return ("round", f"round {server_round}'s train messages were not seen by the audit (is the "
                     "AuditStrategy the strategy the ServerApp starts?)", {})
         uploads: list[_Upload | tuple[int, str, Any]] = []
-        for reply, samples in zip(replies, taken):
+        # by node id: which clients are attacked does not depend on the order the replies came
+        # in (Flower's sampling shuffles it), so a rerun of a seeded app audits the same ones
+        for reply, samples in sorted(zip(replies, taken), key=lambda pair: int(pair[0].metadata.src_node_id)):
             if reply.has_error():
                 continue  # the client uploaded nothing
             if len(uploads) >= self.max_clients:
