@@ -664,15 +664,11 @@ def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, v
                 engines: dict[str, Any] | None = None) -> AttackOutcome:
     """One job: the attack on the client's victims, on the engine chosen for it (the cached
     choice in `engines`, else gileak.engine.choice), scored per image."""
-    import torch
-
-    from gileak.engine import choice as engine_choice
     from gileak.threat import Target
 
     attack, client = job.attack, job.client
     describe(f"{cell.dataset.label} | {cell.model.label} | {cell.defense.label} | {client.label} | {attack.label} "
              f"| seed {cell.seed}")
-    started = time.perf_counter()
 
     def progress(n: int, label: str = job.label) -> None:
         n = min(n, units_left.get(label, 0))
@@ -681,49 +677,92 @@ def _run_attack(cell: TrainingCell, spec: BenchSpec, job: Job, net, gradients, v
 
     aid = attack_id(job)
     per_victim = client.component.images_per_victim()
+    key = engine_key(cell, aid, len(victim_seeds), device)
     try:
-        if not client.component.is_single_image_gradient() and not attack.component.handles_clients:
-            raise NotApplicableError(f"{attack.label} reconstructs single images from one gradient step; "
-                                     f"it does not handle the client {client.label}")
         target = Target(net=net, shared_gradient=gradients, input_shape=input_shape, num_classes=num_classes,
                         labels=labels, trace=spec.trace, client=client.component)
-        key = engine_key(cell, aid, len(victim_seeds), device)
-        chosen = engine_choice.choose(attack.component, target, victim_seeds, (engines or {}).get(key))
-        chosen.seconds = time.perf_counter() - started
-        started = time.perf_counter()  # the attack's time is the attack's, the probe's is the choice's
-        describe(f"{cell.dataset.label} | {cell.model.label} | {cell.defense.label} | {client.label} | "
-                 f"{attack.label} | seed {cell.seed} ({chosen.engine})")
-        torch.manual_seed(_attack_seed(cell.seed, aid))  # after the probe: the attack draws as if alone
-        with engine_choice.use(chosen.forced):
-            reconstruction = attack.component.attack(target, seeds=victim_seeds, max_iterations=spec.iterations,
-                                                     progress=progress)
-        problem = unscorable(reconstruction, victim_names)
-        if problem is not None:
-            raise DivergedError(problem)
-        seconds = time.perf_counter() - started
         originals = victims.detach().cpu()
-        images = reconstruction.images.detach().cpu()
-        if tuple(images.shape) != tuple(originals.shape):
-            raise GileakError(f"{attack.label} returned images of shape {tuple(images.shape)} for "
-                              f"{target.num_victims} victim(s) of {per_victim} image(s) {tuple(originals.shape[1:])}")
-        scores = score_batches(images.clamp(0, 1), originals, per_victim, device, lpips_available)
+        attacked = attack_uploads(
+            attack, client, target, victim_seeds, victim_names, spec.iterations, _attack_seed(cell.seed, aid),
+            tuple(originals.shape), cached=(engines or {}).get(key), progress=progress,
+            on_chosen=lambda chosen: describe(f"{cell.dataset.label} | {cell.model.label} | {cell.defense.label} | "
+                                              f"{client.label} | {attack.label} | seed {cell.seed} ({chosen.engine})"))
+        reconstruction = attacked.reconstruction
+        scores = score_batches(attacked.images.clamp(0, 1), originals, per_victim, device, lpips_available)
         label_scores = score_labels(reconstruction, labels.cpu(), per_victim, num_classes)
     except Exception as e:
         status = "not applicable" if isinstance(e, NotApplicableError) else "failed"
         return AttackOutcome(aid, job.label, status, error=_reason(e, debug))
+    records = victim_records([int(i) for i in victim_idx], labels.cpu(), scores, label_scores, reconstruction,
+                             per_victim)
+    return AttackOutcome(aid, job.label, "ok", note=reconstruction.note, seconds=attacked.seconds, victims=records,
+                         originals=originals, reconstructions=scores.matched, trace=reconstruction.trace,
+                         engine=attacked.chosen.as_dict(), engine_key=key)
+
+
+@dataclass
+class Attacked:
+    """What `attack_uploads` gives back."""
+
+    reconstruction: Any  # base.Reconstruction
+    images: Any  # its images, on the CPU
+    chosen: Any  # the engine it ran on (gileak.engine.choice.EngineChoice)
+    seconds: float  # the attack's own time (choosing the engine is chosen.seconds)
+
+
+def attack_uploads(attack: Resolved, client: Resolved, target, seeds: list[int], names: list[str],
+                   max_iterations: int, attack_seed: int, expected_shape: tuple[int, ...], *,
+                   cached: dict[str, Any] | None = None, progress: Callable[[int], None] | None = None,
+                   on_chosen: Callable[[Any], None] | None = None) -> Attacked:
+    """One attack on `target`'s uploads, as every caller runs it (a bench's cell, the Flower
+    audit): not applicable where the attack does not handle the client; on the engine
+    gileak.engine.choice picks (`cached`: a choice made before; `on_chosen` hears it); the
+    global RNG seeded with `attack_seed` after the choice, so the attack draws as if alone;
+    DivergedError where a victim's loss or reconstruction is not finite (`names` name them);
+    GileakError where its images are not `expected_shape`."""
+    import torch
+
+    from gileak.engine import choice as engine_choice
+
+    if not client.component.is_single_image_gradient() and not attack.component.handles_clients:
+        raise NotApplicableError(f"{attack.label} reconstructs single images from one gradient step; "
+                                 f"it does not handle the client {client.label}")
+    started = time.perf_counter()
+    chosen = engine_choice.choose(attack.component, target, seeds, cached)
+    chosen.seconds = time.perf_counter() - started
+    if on_chosen is not None:
+        on_chosen(chosen)
+    started = time.perf_counter()
+    torch.manual_seed(attack_seed)
+    with engine_choice.use(chosen.forced):
+        reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=max_iterations,
+                                                 progress=progress or (lambda n: None))
+    problem = unscorable(reconstruction, names)
+    if problem is not None:
+        raise DivergedError(problem)
+    seconds = time.perf_counter() - started
+    images = reconstruction.images.detach().cpu()
+    if tuple(images.shape) != tuple(expected_shape):
+        raise GileakError(f"{attack.label} returned images of shape {tuple(images.shape)} for {len(seeds)} "
+                          f"victim(s) of {client.component.images_per_victim()} image(s) {tuple(expected_shape[1:])}")
+    return Attacked(reconstruction, images, chosen, seconds)
+
+
+def victim_records(victims: list[int], labels, scores: BatchScores, label_scores, reconstruction,
+                   per_victim: int) -> list:
+    """The store's per-image records of a scored attack: image i's victim index (training image,
+    or a Flower sample), label, metrics, and its upload's iterations, loss and label accuracy."""
     from gileak.store import VictimRecord
 
     records = []
-    for i in range(len(originals)):
-        victim = i // per_victim
-        accuracy, baseline = label_scores[victim] if label_scores else (None, None)
+    for i in range(len(victims)):
+        upload = i // per_victim
+        accuracy, baseline = label_scores[upload] if label_scores else (None, None)
         records.append(VictimRecord(
-            int(victim_idx[i]), int(labels[i]), scores.ssim[i], _finite(scores.psnr[i]), scores.mse[i],
-            scores.lpips[i] if scores.lpips else None, reconstruction.iterations[victim],
-            _finite(float(reconstruction.final_loss[victim])), victim, accuracy, baseline))
-    return AttackOutcome(aid, job.label, "ok", note=reconstruction.note, seconds=seconds, victims=records,
-                         originals=originals, reconstructions=scores.matched, trace=reconstruction.trace,
-                         engine=chosen.as_dict(), engine_key=key)
+            victims[i], int(labels[i]), scores.ssim[i], _finite(scores.psnr[i]), scores.mse[i],
+            scores.lpips[i] if scores.lpips else None, reconstruction.iterations[upload],
+            _finite(float(reconstruction.final_loss[upload])), upload, accuracy, baseline))
+    return records
 
 
 @dataclass

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 try:
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Strategy
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -22,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 from torch import nn
 
-from gileak.errors import DivergedError, GileakError, NotApplicableError, NothingToAttackError, UserInputError
+from gileak.errors import GileakError, NotApplicableError, NothingToAttackError, UserInputError
 
 log = logging.getLogger("gileak.flower")
 
@@ -450,47 +449,32 @@ class AuditStrategy(Strategy):
         """One gileak attack on the uploads of one client kind, run as the bench runs it (engine
         choice, per-victim seeds, the attack's own stopping), scored where the images are known."""
         from gileak import metrics
-        from gileak.engine import choice as engine_choice
-        from gileak.runner import _attack_seed, _finite, _reason as reason_of, score_batches, score_labels, unscorable
-        from gileak.store import VictimRecord
+        from gileak.runner import _attack_seed, _reason as reason_of, attack_uploads, score_batches, score_labels
+        from gileak.runner import victim_records
         from gileak.threat import Target
 
         client = items[0].client
         per_victim = client.component.images_per_victim()
         names = [f"node {item.node}" for item in items]
         seeds = [self.seed * 1_000_003 + server_round * 10_007 + item.node % 10_007 for item in items]
-        started = time.perf_counter()
         try:
-            if not client.component.is_single_image_gradient() and not attack.component.handles_clients:
-                raise NotApplicableError(f"{attack.label} reconstructs single images from one gradient step; it "
-                                         f"does not handle the client {client.label}")
             stacked = {name: torch.stack([item.upload[name] for item in items]).to(self.device)
                        for name in items[0].upload}
             labels = torch.cat([item.labels for item in items]).to(self.device) if scored else None
             self.net.train()  # the client's steps are training steps
             target = Target(net=self.net, shared_gradient=stacked, input_shape=self.input_shape,
                             num_classes=self.num_classes, labels=labels, client=client.component)
-            chosen = engine_choice.choose(attack.component, target, seeds, None)
-            started = time.perf_counter()
-            torch.manual_seed(_attack_seed(self.seed + server_round, attack.label))
-            with engine_choice.use(chosen.forced):
-                reconstruction = attack.component.attack(target, seeds=seeds, max_iterations=self.iterations,
-                                                         progress=lambda n: None)
-            problem = unscorable(reconstruction, names)
-            if problem is not None:
-                raise DivergedError(problem)
-            images = reconstruction.images.detach().cpu()
-            if tuple(images.shape) != (len(items) * per_victim, *self.input_shape):
-                raise GileakError(f"{attack.label} returned images of shape {tuple(images.shape)} for {len(items)} "
-                                  f"upload(s) of {per_victim} image(s)")
-            seconds = time.perf_counter() - started
+            attacked = attack_uploads(attack, client, target, seeds, names, self.iterations,
+                                      _attack_seed(self.seed + server_round, attack.label),
+                                      (len(items) * per_victim, *self.input_shape))
+            reconstruction, images = attacked.reconstruction, attacked.images
             if not scored:
                 path = self._save_unscored(server_round, defense, attack, client, images)
                 why = items[0].unscored
                 self._put(server_round, defense, notes, attack, client, "not applicable",
                           f"unscored: {why}. The {len(items)} upload(s) were attacked ({reconstruction.iterations[0]} "
-                          f"iterations); the reconstructions are in {path.relative_to(self.out)}", seconds=seconds,
-                          key_suffix="unscored", engine=chosen.as_dict())
+                          f"iterations); the reconstructions are in {path.relative_to(self.out)}",
+                          seconds=attacked.seconds, key_suffix="unscored", engine=attacked.chosen.as_dict())
                 return
             originals = torch.cat([item.images for item in items])
             lpips_available, _ = metrics.lpips_status()
@@ -501,19 +485,11 @@ class AuditStrategy(Strategy):
             self._put(server_round, defense, notes, attack, client, status, reason_of(e),
                       key_suffix="" if scored else "unscored")
             return
-        samples = [s for item in items for s in item.samples]
-        all_labels = labels.cpu()
-        records = []
-        for i in range(len(originals)):
-            victim = i // per_victim
-            accuracy, baseline = label_scores[victim] if label_scores else (None, None)
-            records.append(VictimRecord(
-                samples[i], int(all_labels[i]), scores.ssim[i], _finite(scores.psnr[i]), scores.mse[i],
-                scores.lpips[i] if scores.lpips else None, reconstruction.iterations[victim],
-                _finite(float(reconstruction.final_loss[victim])), victim, accuracy, baseline))
-        self._put(server_round, defense, notes, attack, client, "ok", None, seconds=seconds, victims=records,
-                  note=reconstruction.note or None, originals=originals, reconstructions=scores.matched,
-                  engine=chosen.as_dict())
+        records = victim_records([s for item in items for s in item.samples], labels.cpu(), scores, label_scores,
+                                 reconstruction, per_victim)
+        self._put(server_round, defense, notes, attack, client, "ok", None, seconds=attacked.seconds,
+                  victims=records, note=reconstruction.note or None, originals=originals,
+                  reconstructions=scores.matched, engine=attacked.chosen.as_dict())
 
     # -- the run directory -----------------------------------------------------------------
     def _ids(self, server_round: int, defense: str, attack, client, key_suffix: str) -> tuple[str, str]:
