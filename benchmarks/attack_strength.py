@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -92,22 +91,12 @@ class Cache:
 def unseen_folder(root: Path) -> Path:
     """32x32 crops (1/8 of the photo's height, stride half that) of scikit-learn's china.jpg and
     flower.jpg, flat ones included (near-uniform crops are where a weak attack fails)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    from paper_findings import write_unseen_images  # benchmarks/, this script's directory
 
     folder = root / "unseen-crops"
     if folder.is_dir() and any(folder.rglob("*.png")):
         return folder
-    bunch = load_sample_images()
-    for path, image in zip(bunch.filenames, bunch.images):
-        name = Path(path).stem
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        height, width, _ = image.shape
-        window = height // 8
-        for y in range(0, height - window + 1, window // 2):
-            for x in range(0, width - window + 1, window // 2):
-                crop = image[y:y + window, x:x + window]
-                Image.fromarray(crop).resize((32, 32), Image.Resampling.BICUBIC).save(folder / name / f"{y}_{x}.png")
+    write_unseen_images(folder, size=32, min_std=0.0)
     return folder
 
 
