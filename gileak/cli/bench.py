@@ -146,7 +146,7 @@ def busy_hint(busy: float, cores: int, threads: int) -> str | None:
             f"the run several times slower. --threads {free} fits the free cores.")
 
 
-def busy_cores(seconds: float = 0.25) -> float | None:
+def busy_cores(seconds: float = 0.1) -> float | None:
     """How many cores were busy over the next `seconds` (Linux's /proc/stat; this process sleeps
     meanwhile, so it is the other processes' load, now — not the load average, which still
     counts what ended a minute ago). None where /proc/stat cannot be read."""
