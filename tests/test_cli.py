@@ -193,6 +193,8 @@ def test_threads_sets_pytorchs_threads_and_a_busy_machine_gets_a_hint(capsys, tm
         torch.set_num_threads(before)
     code, out, err = run(capsys, "bench", "--datasets", "digits", "--threads", "0")
     assert code == 2 and "Traceback" not in out + err
+    code, out, err = run(capsys, "bench", "--datasets", "digits", "--threads", "1000000000")
+    assert code == 2 and "more than this machine's" in " ".join(err.split()) and "Traceback" not in out + err
     monkeypatch.undo()
     busy = bench_command.busy_cores(0.05)  # measured for real: this process sleeps meanwhile
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9

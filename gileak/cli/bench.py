@@ -116,8 +116,13 @@ def bench(
         check_export_path(path)
     console = cli_console()
     if threads is not None:
+        import os
+
         import torch
 
+        cores = os.cpu_count() or 1
+        if threads > cores:  # more only adds waiting (and OpenMP allocates per thread: 10^9 is out of memory)
+            raise UserInputError(f"--threads {threads} is more than this machine's {cores} cores")
         torch.set_num_threads(threads)
     if dry_run:
         _dry_run(bench_spec, console)
