@@ -155,6 +155,65 @@ def test_factored_step_matches_the_vmap_step(small_target, distance, trace):
         torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
 
 
+def test_euclidean_one_position_layers_are_rank_one_products_formed_in_float64(small_target, monkeypatch):
+    """Euclidean matching of a one-position layer (the CNN's last convolution and classifier)
+    does not materialise G = g u^T: ||G − S||^2 = |g|^2 |u|^2 − 2 g.(S u) + ||S||^2 in float64
+    from S in float64. The same step as the materialised one (EUCLIDEAN_GHOST_MEMORY 0), and
+    float64 models — where float64 gives the cancelling terms no extra digits — stay
+    materialised."""
+    from gileak.engine import fast as fast_module
+
+    net, gradients, labels = small_target
+    target = Target(net, gradients, (3, 32, 32), 10, labels=labels)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    config = MatchingConfig(distance="euclidean", trace=True)
+    victim_loss = make_victim_loss(target, config)
+    shared = tuple(target.shared_gradient[n] for n in victim_loss.names)
+    rank_one = factored_engine(target, config, victim_loss)
+    assert [layer.ghost for layer in rank_one.layers] == [False, False, True, True]
+    assert rank_one._prepare(shared)[0]["6.weight"][0].dtype == torch.float64
+    grads, losses, cosines = rank_one.step(images, labels, shared)
+    part_grads, part_losses, _ = rank_one.step(images, labels, shared, torch.tensor([2, 0]))
+    torch.testing.assert_close(part_grads, grads[[2, 0]])
+    torch.testing.assert_close(part_losses, losses[[2, 0]])
+    monkeypatch.setattr(fast_module, "EUCLIDEAN_GHOST_MEMORY", 0)
+    materialised = factored_engine(target, config, victim_loss)
+    assert not any(layer.ghost for layer in materialised.layers)
+    for ours, theirs in zip((grads, losses, cosines), materialised.step(images, labels, shared)):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
+    monkeypatch.undo()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        wide_net = CNN().build((3, 32, 32), 10)
+        wide = Target(wide_net, shared_gradients(wide_net, NoDefense(), images[:2].double(), labels[:2]),
+                      (3, 32, 32), 10, labels=labels[:2])
+        wide_engine = factored_engine(wide, config, make_victim_loss(wide, config))
+    finally:
+        torch.set_default_dtype(previous)
+    assert wide_engine is not None and not any(layer.ghost for layer in wide_engine.layers)
+
+
+@pytest.mark.parametrize("gap", [1e-1, 1e-2, 1e-3, 1e-4])
+def test_rank_one_euclidean_distance_is_exact_where_float32_g_minus_s_is_not(gap):
+    """Near a match (||G − S|| = gap ||S||) the float64 rank-one distance keeps 10-13 digits of
+    the distance of the same float32 factors; float32's materialised G − S keeps 5-7."""
+    from gileak.engine.fast import _rank_one_euclidean
+
+    generator = torch.Generator().manual_seed(0)
+    g0, u = torch.randn(4, 64, generator=generator), torch.randn(4, 800, generator=generator)
+    s = g0.unsqueeze(2) * u.unsqueeze(1)  # (n, fan_out, fan_in): a single image's gradient
+    direction = torch.randn(4, 64, generator=generator)
+    g = g0 + gap * direction * g0.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True)
+    exact = (g.double().unsqueeze(2) * u.double().unsqueeze(1) - s.double()).square().flatten(1).sum(1)
+    s64 = s.double()
+    ours = _rank_one_euclidean(g, u, s64, s64.square().flatten(1).sum(1))["distance"]
+    float32 = (g.unsqueeze(2) * u.unsqueeze(1) - s).square().flatten(1).sum(1).double()
+    ours_error, float32_error = ((ours - exact).abs() / exact).max(), ((float32 - exact).abs() / exact).max()
+    assert ours_error < 1e-10 * max(1.0, (1e-2 / gap) ** 2) and ours_error < float32_error / 100
+
+
 def test_factored_step_of_a_subset_of_victims_matches_the_full_step(small_target):
     net, gradients, labels = small_target
     target = Target(net, gradients, (3, 32, 32), 10, labels=labels)

@@ -269,19 +269,20 @@ def test_victims_run_out_of_step_so_every_engine_call_carries_every_victim_still
     next step in the same round, so every round evaluates every victim still running and the
     engine calls are as many as ONE victim's evaluations — the most any victim needs — where
     the lockstep solver (all victims' step k before anyone's step k + 1) made one call per
-    round of the longest search of every iteration (here 110 calls, 1.56 victims a call).
-    Progress still adds up to max_iterations, reported as the slowest running victim advances."""
-    target, _ = cnn_target(n=4)
+    round of the longest search of every iteration (`lockstep_calls`: here 123 against 77; with
+    seed 0 one victim has the longest search of every round and the two are equal). Progress
+    still adds up to max_iterations, reported as the slowest running victim advances."""
+    target, _ = cnn_target(n=5, seed=3)
     counted = []
-    result = lbfgs_matching(target, LBFGSConfig(minmax=False), seeds=[0, 1, 2, 3], max_iterations=10,
+    result = lbfgs_matching(target, LBFGSConfig(minmax=False), seeds=[0, 1, 2, 3, 4], max_iterations=10,
                             labels=target.labels, progress=counted.append)
     run = lbfgs.last_run
     per_victim = run["victim_evaluations"]
-    assert result.iterations == [10, 10, 10, 10] and run["stepped"] == 40
+    assert result.iterations == [10] * 5 and 40 < run["stepped"] <= 50  # (3 held)
     assert sum(per_victim) == run["evaluations"] and min(per_victim) < max(per_victim) / 2  # unequal searches
-    assert run["calls"] == max(per_victim)  # the lockstep solver: > max (110 against 84)
+    assert run["calls"] == max(per_victim)
     assert run["victims_per_call"] == pytest.approx(run["evaluations"] / run["calls"])
-    assert run["victims_per_call"] > 1.8  # the lockstep solver: 1.56
+    assert run["lockstep_calls"] > 1.4 * run["calls"]  # a lockstep schedule of the same searches
     assert sum(counted) == 10 and len(counted) >= 5
 
 

@@ -18,6 +18,9 @@ gradient are taken per layer, whichever way is cheaper:
   the victims' shared gradients of such a layer are of low rank (one image's gradient of a
   layer with P positions has rank <= P), S_i = L_i R_i^T is factored once per attack, checked
   to float precision, and <G_i, S_i> = sum_p (L_i^T g_p) . (R_i^T u_p) never reads S_i again.
+  For the Euclidean distance only one-position layers are ghosts, ||G_i − S_i||^2 = |g|^2 |u|^2
+  − 2 g.(S_i u) + ||S_i||^2 formed in float64 from S_i in float64 (the terms nearly cancel near
+  a match; `_rank_one_euclidean`): two reads of S_i instead of eight passes over a materialised G_i.
 
 A convolution's output comes from the library convolution, but its gradient is routed through
 its unfolded input (z = W U), so that reaching the image takes one fold per layer.
@@ -189,12 +192,17 @@ class FactoredMatching:
             # Materialising costs a (fan_out x fan_in) element-wise tail per victim (several
             # passes, memory-bound); the ghost terms cost two P x P Gram matrices.
             positions *= per_victim  # a victim's batch: its images' positions side by side
-            layer.ghost = config.distance == "cosine" and positions**2 * (fan_in + fan_out) < 8 * fan_in * fan_out
+            if config.distance == "cosine":
+                layer.ghost = positions**2 * (fan_in + fan_out) < 8 * fan_in * fan_out
+            else:
+                layer.ghost = positions == 1 and _euclidean_ghost_fits(target, fan_in, fan_out)
         aux_scaled = any(_batch_mean_aux(m) for m in net.modules())
         chain = _chain_ops(net, factored, shapes, target)
         if chain is not None:  # P = 1 layers as rank-one products, every other one materialised
             for layer in layers:
-                layer.ghost = config.distance == "cosine" and shapes[layer.name][0] == 1 and per_victim == 1
+                positions, fan_in, fan_out = shapes[layer.name]
+                layer.ghost = positions == 1 and per_victim == 1 and (
+                    config.distance == "cosine" or _euclidean_ghost_fits(target, fan_in, fan_out))
         engine = cls(target, config, names, wanted, groups, layers, factored, aux_scaled)
         engine.chain = chain
         return engine
@@ -245,11 +253,13 @@ class FactoredMatching:
         dim — (S^T (N, fan_in, fan_out),) where the dummy gradient is materialised (transposed,
         so that the image gradient needs no copies), (S (N, fan_out, fan_in),) or, when the
         victims' shared gradients are of low rank r, their factors (L (N, fan_out, r),
-        R (N, fan_in, r)) with S = L R^T, where it is not — and each victim's squared shared norm
-        per parameter; computed once per attack."""
+        R (N, fan_in, r)) with S = L R^T, where it is not (cosine), (S in float64,) where it is
+        not (Euclidean) — and each victim's squared shared norm per parameter (float64 for
+        those); computed once per attack."""
         if self._prepared is not None and self._prepared[0] is shared:
             return self._prepared[1]
         by_name = dict(zip(self.wanted, shared))
+        euclidean = self.config.distance == "euclidean"
         laid_out = {}
         for layer in self.layers:
             if layer.weight is not None:
@@ -257,11 +267,17 @@ class FactoredMatching:
                 s = s.reshape(s.shape[0], s.shape[1], -1)
                 if not layer.ghost:
                     laid_out[layer.weight] = (s.transpose(1, 2).contiguous(),)
+                elif euclidean:  # S in float64 (`_rank_one_euclidean`)
+                    laid_out[layer.weight] = (s.double().contiguous(),)
                 else:
                     laid_out[layer.weight] = _low_rank(s) or (s.contiguous(),)
             if layer.bias is not None:
                 laid_out[layer.bias] = (by_name[layer.bias].contiguous(),)
         squares = {n: _squares(by_name[n].flatten(1)) for n in self.wanted}
+        if euclidean:  # a rank-one layer's ||S||^2 in float64, as its distance is formed
+            for layer in self.layers:
+                if layer.ghost and layer.weight is not None:
+                    squares[layer.weight] = _squares(laid_out[layer.weight][0].flatten(1))
         self._prepared = (shared, (laid_out, squares))
         return self._prepared[1]
 
@@ -315,7 +331,7 @@ class FactoredMatching:
             norms: dict[str, torch.Tensor] = {}
             diffs: dict[str, torch.Tensor] = {}
             for layer, g in zip(self.layers, output_grads):
-                self._layer_terms(layer, captured[layer.name][0], g, laid_out, dots, norms, diffs)
+                self._layer_terms(layer, captured[layer.name][0], g, laid_out, squares, dots, norms, diffs)
             total = self._distance(dots, norms, diffs, squares, x)
             (image_grads,) = torch.autograd.grad(total.sum(), x)
         cosines = self._cosines(dots, norms, squares)
@@ -360,7 +376,7 @@ class FactoredMatching:
         matched_at = [i for i, op in enumerate(self.chain)
                       if op[0] == "layer" and (op[1].weight is not None or op[1].bias is not None)]
         deltas = self._chain_output_gradients(saved, probs, labels, matched_at)
-        terms, dots, norms, diffs = self._chain_layer_terms(matched_at, saved, deltas, laid_out)
+        terms, dots, norms, diffs = self._chain_layer_terms(matched_at, saved, deltas, laid_out, squares)
         reconstruction, alpha, beta = self._chain_distance(dots, norms, diffs, squares)
         gbars, ubars = self._chain_factor_bars(matched_at, terms, deltas, laid_out, alpha, beta)
         image_grads = self._chain_image_gradient(saved, probs, gbars, ubars)
@@ -418,11 +434,12 @@ class FactoredMatching:
                 delta = delta.reshape(saved[i])
         return deltas
 
-    def _chain_layer_terms(self, matched_at: list[int], saved: list, deltas: dict, laid_out: dict):
+    def _chain_layer_terms(self, matched_at: list[int], saved: list, deltas: dict, laid_out: dict, squares: dict):
         """Per matched layer, its factors regrouped victim by victim (U (n, fan_in, P), g (n,
         fan_out, P)) and what step 5 reuses (`terms`), and per victim and parameter <G, S>
         (`dots`), ||G||^2 (`norms`) and, Euclidean, ||G − S||^2 (`diffs`): a one-position layer
-        as a rank-one product (ghost), every other one with G materialised."""
+        as a rank-one product (ghost; Euclidean: `_rank_one_euclidean`), every other one with G
+        materialised."""
         euclidean = self.config.distance == "euclidean"
         cosine = not euclidean or bool(self.groups)
         per_victim = self.per_victim
@@ -444,7 +461,13 @@ class FactoredMatching:
             term = terms[i] = {"g": g, "u": u}
             if layer.weight is not None:
                 shared = laid_out[layer.weight]
-                if layer.ghost:  # one position: G = g u^T
+                if layer.ghost and euclidean:  # one position: G = g u^T, S in float64
+                    term.update(_rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared[0], squares[layer.weight]))
+                    diffs[layer.weight] = term["distance"].to(g.dtype)
+                    if cosine:
+                        norms[layer.weight] = (term["gg"] * term["uu"]).to(g.dtype)
+                        dots[layer.weight] = term["dot"].to(g.dtype)
+                elif layer.ghost:  # one position: G = g u^T
                     g1, u1 = g.squeeze(2), u.squeeze(2)
                     term["gg"], term["uu"] = g1.pow(2).sum(1), u1.pow(2).sum(1)
                     norms[layer.weight] = term["gg"] * term["uu"]
@@ -505,7 +528,12 @@ class FactoredMatching:
             gbar = ubar = None
             if layer.weight in matched:
                 shared = laid_out[layer.weight]
-                if layer.ghost:
+                if layer.ghost and euclidean:  # 2 (G − S) u and 2 (G − S)^T g, in float64
+                    g64, u64 = term["g64"], term["u64"]
+                    stg = torch.bmm(g64.unsqueeze(1), shared[0]).squeeze(1)  # S^T g
+                    gbar = (2 * (g64 * term["uu"].unsqueeze(1) - term["su"])).to(g.dtype).unsqueeze(2)
+                    ubar = (2 * (u64 * term["gg"].unsqueeze(1) - stg)).to(g.dtype).unsqueeze(2)
+                elif layer.ghost:
                     g1, u1 = g.squeeze(2), u.squeeze(2)
                     a, b = alpha.unsqueeze(1), beta.unsqueeze(1)
                     if len(shared) == 2:
@@ -609,8 +637,9 @@ class FactoredMatching:
         """Per victim and traced layer, the cosine of dummy and shared gradient (None: no trace)."""
         if not self.groups:
             return None
-        return torch.stack([
-            _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g), sum(squares[m] for m in g))
+        return torch.stack([  # (a Euclidean one-position layer's ||S||^2 is float64)
+            _cosine_from(sum(dots[m] for m in g), sum(norms[m] for m in g),
+                         sum(squares[m] for m in g)).to(dots[g[0]].dtype)
             for g in self.groups.values()
         ], dim=1)
 
@@ -644,10 +673,12 @@ class FactoredMatching:
             return z
         return conv
 
-    def _layer_terms(self, layer: _Layer, u: torch.Tensor, g: torch.Tensor, laid_out, dots, norms, diffs) -> None:
+    def _layer_terms(self, layer: _Layer, u: torch.Tensor, g: torch.Tensor, laid_out, squares, dots, norms,
+                     diffs) -> None:
         """Victim-wise <G, S> and ||G||^2 of the layer's weight and bias gradients from its
         unfolded input U and output gradient g; Euclidean: ||G - S||^2 in `diffs`, formed from
-        the materialised G (no cancellation near a match)."""
+        the materialised G (no cancellation near a match), or for a one-position layer from
+        its rank-one factors in float64 (`_rank_one_euclidean`)."""
         count = u.shape[0]
         if layer.unfold is not None:
             g = g.flatten(2)
@@ -663,7 +694,13 @@ class FactoredMatching:
         cosine = not euclidean or bool(self.groups)  # the trace's per-layer cosines need them too
         if layer.weight is not None:
             shared = laid_out[layer.weight]
-            if layer.ghost:
+            if layer.ghost and euclidean:  # one position (`build`): G = g u^T, S in float64
+                terms = _rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared[0], squares[layer.weight])
+                diffs[layer.weight] = terms["distance"].to(g.dtype)
+                if cosine:
+                    norms[layer.weight] = (terms["gg"] * terms["uu"]).to(g.dtype)
+                    dots[layer.weight] = terms["dot"].to(g.dtype)
+            elif layer.ghost:
                 if u.shape[2] == 1:  # one position: G = g u^T, ||G||^2 = |g|^2 |u|^2
                     g1, u1 = g.squeeze(2), u.squeeze(2)
                     norms[layer.weight] = g1.pow(2).sum(1) * u1.pow(2).sum(1)
@@ -747,6 +784,35 @@ class _MaterialisedTerms(torch.autograd.Function):
         grad_u = torch.bmm(upstream, g)  # (n, fan_in, P)
         grad_g = torch.bmm(u.transpose(1, 2), upstream).transpose(1, 2)  # (n, fan_out, P)
         return grad_u, grad_g, None
+
+
+#: Bytes the float64 copies of the shared gradients of one-position layers may take (the
+#: Euclidean rank-one terms, `_rank_one_euclidean`); a layer over it is materialised.
+EUCLIDEAN_GHOST_MEMORY = 1024**3
+
+
+def _euclidean_ghost_fits(target, fan_in: int, fan_out: int) -> bool:
+    """Whether a one-position layer's Euclidean terms come from its rank-one factors: only in a
+    model narrower than float64 (float64 gives the cancelling terms no extra digits: a float64
+    model's layers are materialised) and where S in float64 fits EUCLIDEAN_GHOST_MEMORY."""
+    narrow = all(p.dtype != torch.float64 for p in target.params.values())
+    return narrow and target.num_victims * fan_in * fan_out * 8 <= EUCLIDEAN_GHOST_MEMORY
+
+
+def _rank_one_euclidean(g: torch.Tensor, u: torch.Tensor, s64: torch.Tensor, s_squared: torch.Tensor) -> dict:
+    """A one-position layer's ||G − S||^2 per victim, G = g u^T (g (n, fan_out), u (n, fan_in)),
+    without forming G: |g|^2 |u|^2 − 2 g.(S u) + ||S||^2. The three terms nearly cancel where G
+    nears S, so they are formed in float64 from S in float64 (`s64` (n, fan_out, fan_in),
+    `s_squared` its squared norms): two reads of S instead of the materialised path's eight
+    passes over G, and a distance closer to the exact one than float32's G − S (relative error
+    ~1e-13 against ~1e-6 at ||G − S|| = 0.1 ||S||). Returns the float64 g, u, |g|^2, |u|^2, S u,
+    g.(S u) and the distance (differentiable: the autograd path takes its gradient)."""
+    g64, u64 = g.double(), u.double()
+    gg, uu = g64.square().sum(1), u64.square().sum(1)
+    su = torch.bmm(s64, u64.unsqueeze(2)).squeeze(2)
+    dot = (g64 * su).sum(1)
+    distance = (gg * uu - 2 * dot + s_squared).clamp(min=0)
+    return {"g64": g64, "u64": u64, "gg": gg, "uu": uu, "su": su, "dot": dot, "distance": distance}
 
 
 def _by_victim(t: torch.Tensor, per_victim: int) -> torch.Tensor:

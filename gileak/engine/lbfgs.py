@@ -98,7 +98,9 @@ HISTORY_MEMORY = 2 * 1024**3
 #: searches (victim line searches run), search_evaluations (their evaluations, the trial points),
 #: zoom_evaluations (those made in the zoom phase), long_searches (searches of more than 2
 #: evaluations), longest_search (most evaluations in one search); moves (victim-iterations in
-#: which x changed).
+#: which x changed); lockstep_calls (the calls a lockstep schedule of the same searches would
+#: make — every victim's k-th search before anyone's k + 1-th: one call at the start, then per
+#: round the longest k-th search; for a deterministic model).
 last_run: dict = {}
 
 
@@ -652,7 +654,7 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
     images, found, iterations, best_losses, evaluations = [], [], [], [], []
     reported = 0
     stats = dict(stepped=0, searches=0, search_evaluations=0, zoom_evaluations=0, long_searches=0,
-                 longest_search=0, moves=0)
+                 longest_search=0, moves=0, lockstep_calls=0)
     for number, members in enumerate(groups):
         ids = torch.tensor(members, dtype=torch.long, device=device)
         evaluate.group(ids)
@@ -766,6 +768,7 @@ class _GroupSolver:
         self.evaluations = [0] * count
         self.points = torch.empty(count, dim, device=device)
 
+        self.search_lengths: list[list[int]] = [[] for _ in range(count)]  # each victim's, in order
         self.searches: dict = {}  # victim -> its _strong_wolfe generator
         self.trials: dict = {}  # victim -> the trial t its search waits on
         self.ended: dict = {}  # victim -> its search's result, this round
@@ -807,6 +810,11 @@ class _GroupSolver:
                     self.report(least)
                     reported = least
         self.report(self.max_iterations)
+        # what a lockstep schedule (every victim's k-th search before anyone's k + 1-th) of the
+        # same searches would call: one call at the start, then per round the longest search
+        rounds = max(map(len, self.search_lengths), default=0)
+        self.stats["lockstep_calls"] += (1 if self.count else 0) + sum(
+            max(lengths[j] for lengths in self.search_lengths if len(lengths) > j) for j in range(rounds))
         return self.result()
 
     def finish(self, rows: torch.Tensor, x_new: torch.Tensor, moved: torch.Tensor) -> list[int]:
@@ -918,6 +926,7 @@ class _GroupSolver:
         stats["searches"] += len(victims)
         for k in victims:
             searched, zoom = ended[k][3], ended[k][4]
+            self.search_lengths[k].append(searched)
             stats["search_evaluations"] += searched
             stats["zoom_evaluations"] += zoom
             stats["long_searches"] += searched > 2
