@@ -1076,9 +1076,16 @@ def _transposed_conv(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor
     return F.conv_transpose2d(grad, weight, None, (sh, sw), (ph, pw), (shape[2] - rows, shape[3] - columns), 1, (dh, dw))
 
 
+#: Up to this many column elements PyTorch's one-threaded col2im beats `_fold`'s strided adds,
+#: whose cost is mostly per-add overhead for few victims (the CNN's image fold, one victim:
+#: 0.04 against 0.8 ms; even at about 48 victims of the CNN, 2 threads).
+_LIBRARY_FOLD_ELEMENTS = 2**19
+
+
 def _fold(cols: torch.Tensor, shape: torch.Size, args: dict) -> torch.Tensor:
     """F.fold(cols, shape[-2:], **args) (col2im) by strided adds that run on every thread
-    (PyTorch's CPU col2im runs on one): one add per kernel offset; where the output rows are
+    (PyTorch's CPU col2im runs on one; it is used for few columns, `_LIBRARY_FOLD_ELEMENTS`):
+    one add per kernel offset; where the output rows are
     short (fewer than 8 positions, e.g. the CNN's second layer, 5), whose adds are mostly
     per-row overhead, in two separable passes instead — the k_w column offsets into (n, C, k_h,
     H_out, W), then the k_h row offsets into the image: k_h + k_w adds, not k_h k_w (there
@@ -1089,7 +1096,7 @@ def _fold(cols: torch.Tensor, shape: torch.Size, args: dict) -> torch.Tensor:
     if ph == 0 and pw == 0 and cols.shape[2] == 1 and height == dh * (kh - 1) + 1 and width == dw * (kw - 1) + 1:
         if dh == 1 and dw == 1:  # the kernel covers the input once
             return cols.reshape(shape)
-    if cols.device.type != "cpu":
+    if cols.device.type != "cpu" or cols.numel() <= _LIBRARY_FOLD_ELEMENTS:
         return F.fold(cols, (height, width), **args)
     out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1

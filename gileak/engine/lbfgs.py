@@ -611,12 +611,15 @@ class _History:
         blocks = [range(start, min(start + block, longest)) for start in range(0, longest, block)]
         kept = None  # the last block gathered, for the second loop to start from
 
+        everyone = int(lengths.min()) if victims.numel() else 0  # ranks every victim has: no mask
         al = []
         for ranks in blocks:  # newest to oldest
             kept = (ranks, *self._pairs(victims, pushed, ranks, aligned))
             _, ys, ss, ros = kept
             for j, rank in enumerate(ranks):
-                a = torch.where(rank < lengths, _dot(ss[j], q) * ros[j], 0.0)
+                a = _dot(ss[j], q) * ros[j]
+                if rank >= everyone:
+                    a = torch.where(rank < lengths, a, 0.0)
                 q.addcmul_(ys[j], a.unsqueeze(1), value=-1)
                 al.append(a)
         r = q.mul_(h_diag.unsqueeze(1))
@@ -625,8 +628,10 @@ class _History:
                 victims, pushed, ranks, aligned))
             for j in range(len(ranks) - 1, -1, -1):
                 rank = ranks[j]
-                be = _dot(ys[j], r) * ros[j]
-                r.addcmul_(ss[j], torch.where(rank < lengths, al[rank] - be, 0.0).unsqueeze(1))
+                step = al[rank] - _dot(ys[j], r) * ros[j]
+                if rank >= everyone:
+                    step = torch.where(rank < lengths, step, 0.0)
+                r.addcmul_(ss[j], step.unsqueeze(1))
         return r
 
 
