@@ -334,6 +334,32 @@ def test_chain_step_matches_the_autograd_path_and_vmap(distance, keep):
         torch.testing.assert_close(cosines, ref_cos, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("few", [True, False])
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_the_chain_steps_ways_for_few_and_many_victims_agree(small_target, monkeypatch, few, distance):
+    """Few victims: convolutions through the unfolded input and one matmul, torch's col2im;
+    many: the library's (transposed) convolutions and the strided-add fold. The thresholds
+    forced each way: the same step as vmap, on the paper's CNN and on a chain with padding,
+    dilation and an image input of 3 channels."""
+    from gileak.engine import fast
+
+    monkeypatch.setattr(fast, "_FEW_COLUMNS", 2**62 if few else 0)
+    monkeypatch.setattr(fast, "_LIBRARY_FOLD_ELEMENTS", 2**62 if few else 0)
+    net, gradients, labels = small_target
+    torch.manual_seed(0)
+    chain = _chain_net()
+    small, small_labels = torch.rand(3, 3, 12, 12), torch.tensor([2, 5, 9])
+    targets = [(Target(net, gradients, (3, 32, 32), 10, labels=labels), torch.rand(3, 3, 32, 32)),
+               (Target(chain, shared_gradients(chain, NoDefense(), small, small_labels), (3, 12, 12), 10,
+                       labels=small_labels), torch.rand(3, 3, 12, 12))]
+    for target, dummies in targets:
+        (ref, ref_loss, _), (ours, loss, _), (fast_engine, _) = _steps(target, MatchingConfig(distance=distance),
+                                                                       dummies)
+        assert fast_engine.chain is not None
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+
+
 def test_the_paper_cnn_takes_the_chain_step_and_a_bottleneck_does_not(small_target):
     from gileak.default_plugins.defenses import CVB
 
