@@ -19,8 +19,10 @@ gradient are taken per layer, whichever way is cheaper:
   layer with P positions has rank <= P), S_i = L_i R_i^T is factored once per attack, checked
   to float precision, and <G_i, S_i> = sum_p (L_i^T g_p) . (R_i^T u_p) never reads S_i again.
   For the Euclidean distance only one-position layers are ghosts, ||G_i − S_i||^2 = |g|^2 |u|^2
-  − 2 g.(S_i u) + ||S_i||^2 formed in float64 from S_i in float64 (the terms nearly cancel near
-  a match; `_rank_one_euclidean`): two reads of S_i instead of eight passes over a materialised G_i.
+  − 2 g.(S_i u) + ||S_i||^2 formed in float64 (the terms nearly cancel near a match), from
+  S_i = L_i R_i^T + E_i with a small float32 residual E_i where S_i is of low rank, else from
+  S_i in float64 (`_rank_one_euclidean`): two reads of E_i (or S_i) instead of eight passes over
+  a materialised G_i.
 
 A convolution's output comes from the library convolution, but its gradient is routed through
 its unfolded input (z = W U), so that reaching the image takes one fold per layer.
@@ -267,8 +269,8 @@ class FactoredMatching:
                 s = s.reshape(s.shape[0], s.shape[1], -1)
                 if not layer.ghost:
                     laid_out[layer.weight] = (s.transpose(1, 2).contiguous(),)
-                elif euclidean:  # S in float64 (`_rank_one_euclidean`)
-                    laid_out[layer.weight] = (s.double().contiguous(),)
+                elif euclidean:  # (L, R, E, constants) or S in float64 (`_rank_one_euclidean`)
+                    laid_out[layer.weight] = _residual_layout(s)
                 else:
                     laid_out[layer.weight] = _low_rank(s) or (s.contiguous(),)
             if layer.bias is not None:
@@ -277,7 +279,7 @@ class FactoredMatching:
         if euclidean:  # a rank-one layer's ||S||^2 in float64, as its distance is formed
             for layer in self.layers:
                 if layer.ghost and layer.weight is not None:
-                    squares[layer.weight] = _squares(laid_out[layer.weight][0].flatten(1))
+                    squares[layer.weight] = _squares(by_name[layer.weight].double().flatten(1))
         self._prepared = (shared, (laid_out, squares))
         return self._prepared[1]
 
@@ -462,7 +464,7 @@ class FactoredMatching:
             if layer.weight is not None:
                 shared = laid_out[layer.weight]
                 if layer.ghost and euclidean:  # one position: G = g u^T, S in float64
-                    term.update(_rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared[0], squares[layer.weight]))
+                    term.update(_rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared, squares[layer.weight]))
                     diffs[layer.weight] = term["distance"].to(g.dtype)
                     if cosine:
                         norms[layer.weight] = (term["gg"] * term["uu"]).to(g.dtype)
@@ -530,7 +532,7 @@ class FactoredMatching:
                 shared = laid_out[layer.weight]
                 if layer.ghost and euclidean:  # 2 (G − S) u and 2 (G − S)^T g, in float64
                     g64, u64 = term["g64"], term["u64"]
-                    stg = torch.bmm(g64.unsqueeze(1), shared[0]).squeeze(1)  # S^T g
+                    stg = _shared_transpose_times(g.squeeze(2), g64, shared, term)  # S^T g
                     gbar = (2 * (g64 * term["uu"].unsqueeze(1) - term["su"])).to(g.dtype).unsqueeze(2)
                     ubar = (2 * (u64 * term["gg"].unsqueeze(1) - stg)).to(g.dtype).unsqueeze(2)
                 elif layer.ghost:
@@ -697,7 +699,7 @@ class FactoredMatching:
         if layer.weight is not None:
             shared = laid_out[layer.weight]
             if layer.ghost and euclidean:  # one position (`build`): G = g u^T, S in float64
-                terms = _rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared[0], squares[layer.weight])
+                terms = _rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared, squares[layer.weight])
                 diffs[layer.weight] = terms["distance"].to(g.dtype)
                 if cosine:
                     norms[layer.weight] = (terms["gg"] * terms["uu"]).to(g.dtype)
@@ -788,33 +790,86 @@ class _MaterialisedTerms(torch.autograd.Function):
         return grad_u, grad_g, None
 
 
-#: Bytes the float64 copies of the shared gradients of one-position layers may take (the
-#: Euclidean rank-one terms, `_rank_one_euclidean`); a layer over it is materialised.
+#: Bytes the Euclidean rank-one layout of a one-position layer's shared gradients may take,
+#: counted as S in float64 (`_residual_layout`: its float32 residual takes half); a layer over
+#: it is materialised.
 EUCLIDEAN_GHOST_MEMORY = 1024**3
 
 
 def _euclidean_ghost_fits(target, fan_in: int, fan_out: int) -> bool:
     """Whether a one-position layer's Euclidean terms come from its rank-one factors: only in a
     model narrower than float64 (float64 gives the cancelling terms no extra digits: a float64
-    model's layers are materialised) and where S in float64 fits EUCLIDEAN_GHOST_MEMORY."""
+    model's layers are materialised) and where its layout fits EUCLIDEAN_GHOST_MEMORY."""
     narrow = all(p.dtype != torch.float64 for p in target.params.values())
     return narrow and target.num_victims * fan_in * fan_out * 8 <= EUCLIDEAN_GHOST_MEMORY
 
 
-def _rank_one_euclidean(g: torch.Tensor, u: torch.Tensor, s64: torch.Tensor, s_squared: torch.Tensor) -> dict:
+def _residual_layout(s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A one-position layer's shared gradients S (N, fan_out, fan_in) laid out for the
+    Euclidean rank-one terms: where S is of low rank (`_low_rank`: one image's gradient of such
+    a layer has rank 1), (L, R, E, constants) with S = L R^T + E exactly to float64 rounding —
+    L, R float32 factors, E = S − L R^T formed in float64 and kept in float32 (its entries are
+    ~1e-6 of S's, so float32 keeps them to ~1e-13 of S) — and per victim the float64 constants
+    (||L R^T||^2, <L R^T, E>, ||E||^2) (N, 3); else (S in float64,)."""
+    factors = _low_rank(s)
+    if factors is None:
+        return (s.double().contiguous(),)
+    left, right = factors
+    residuals, constants = [], []
+    for start in range(0, s.shape[0], 16):  # float64 temporaries 16 victims at a time
+        rows = slice(start, start + 16)
+        l64, r64 = left[rows].double(), right[rows].double()
+        product = torch.bmm(l64, r64.transpose(1, 2))
+        residual = s[rows].double() - product
+        kept = residual.float()
+        exact = kept.double()
+        constants.append(torch.stack([
+            (torch.bmm(l64.transpose(1, 2), l64) * torch.bmm(r64.transpose(1, 2), r64)).flatten(1).sum(1),
+            (product * exact).flatten(1).sum(1), exact.square().flatten(1).sum(1)], dim=1))
+        residuals.append(kept)
+    return left.contiguous(), right.contiguous(), torch.cat(residuals), torch.cat(constants)
+
+
+def _rank_one_euclidean(g: torch.Tensor, u: torch.Tensor, shared: tuple[torch.Tensor, ...],
+                        s_squared: torch.Tensor) -> dict:
     """A one-position layer's ||G − S||^2 per victim, G = g u^T (g (n, fan_out), u (n, fan_in)),
-    without forming G: |g|^2 |u|^2 − 2 g.(S u) + ||S||^2. The three terms nearly cancel where G
-    nears S, so they are formed in float64 from S in float64 (`s64` (n, fan_out, fan_in),
-    `s_squared` its squared norms): two reads of S instead of the materialised path's eight
-    passes over G, and a distance closer to the exact one than float32's G − S (relative error
-    ~1e-13 against ~1e-6 at ||G − S|| = 0.1 ||S||). Returns the float64 g, u, |g|^2, |u|^2, S u,
-    g.(S u) and the distance (differentiable: the autograd path takes its gradient)."""
+    without forming G. The terms nearly cancel where G nears S, so they are formed in float64:
+    with S = L R^T + E (`_residual_layout`), ||g u^T − L R^T||^2 = |g|^2 |u|^2 − 2 (L^T g).(R^T u)
+    + ||L R^T||^2 from the small factors, − 2 (g.(E u) − <L R^T, E>) + ||E||^2 with E u in
+    float32 (E is small: its rounding is ~1e-13 of S's); or, S not of low rank, |g|^2 |u|^2 −
+    2 g.(S u) + ||S||^2 from S in float64 (`s_squared`). One or two reads of E (or S) instead of
+    the materialised path's eight passes over G, and a distance closer to the exact one than
+    float32's G − S (relative error ~1e-12 against ~1e-6 at ||G − S|| = 0.1 ||S||). Returns
+    the float64 g, u, |g|^2, |u|^2, S u, g.(S u) and the distance (differentiable: the autograd
+    path takes its gradient)."""
     g64, u64 = g.double(), u.double()
     gg, uu = g64.square().sum(1), u64.square().sum(1)
-    su = torch.bmm(s64, u64.unsqueeze(2)).squeeze(2)
-    dot = (g64 * su).sum(1)
-    distance = (gg * uu - 2 * dot + s_squared).clamp(min=0)
-    return {"g64": g64, "u64": u64, "gg": gg, "uu": uu, "su": su, "dot": dot, "distance": distance}
+    if len(shared) == 1:
+        su = torch.bmm(shared[0], u64.unsqueeze(2)).squeeze(2)
+        dot = (g64 * su).sum(1)
+        distance = gg * uu - 2 * dot + s_squared
+        return {"g64": g64, "u64": u64, "gg": gg, "uu": uu, "su": su, "dot": dot, "distance": distance.clamp(min=0)}
+    left, right, residual, constants = shared
+    from_g = torch.bmm(g64.unsqueeze(1), left.double()).squeeze(1)  # L^T g (n, r)
+    from_u = torch.bmm(u64.unsqueeze(1), right.double()).squeeze(1)  # R^T u
+    eu = torch.bmm(residual, u.unsqueeze(2)).squeeze(2).double()  # E u (n, fan_out)
+    factored = (from_g * from_u).sum(1)  # <g u^T, L R^T>
+    small = (g64 * eu).sum(1)  # <g u^T, E>
+    distance = (gg * uu - 2 * factored + constants[:, 0]) - 2 * (small - constants[:, 1]) + constants[:, 2]
+    su = torch.bmm(left.double(), from_u.unsqueeze(2)).squeeze(2) + eu  # S u = L (R^T u) + E u
+    return {"g64": g64, "u64": u64, "gg": gg, "uu": uu, "su": su, "dot": factored + small, "from_g": from_g,
+            "distance": distance.clamp(min=0)}
+
+
+def _shared_transpose_times(g: torch.Tensor, g64: torch.Tensor, shared: tuple[torch.Tensor, ...],
+                            term: dict) -> torch.Tensor:
+    """S^T g (n, fan_in) in float64 for `_rank_one_euclidean`'s layouts: R (L^T g) + E^T g, or
+    from S in float64."""
+    if len(shared) == 1:
+        return torch.bmm(g64.unsqueeze(1), shared[0]).squeeze(1)
+    left, right, residual, _ = shared
+    return (torch.bmm(right.double(), term["from_g"].unsqueeze(2)).squeeze(2)
+            + torch.bmm(g.unsqueeze(1), residual).squeeze(1).double())
 
 
 def _by_victim(t: torch.Tensor, per_victim: int) -> torch.Tensor:
