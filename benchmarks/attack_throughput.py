@@ -12,9 +12,11 @@ Usage: python benchmarks/attack_throughput.py [--models cnn] [--victims 1,8,32,1
        [--repeats 3] [--attacks ig,idlg] [--device auto] [--json rows.json] [--clock wall|cpu]
 
 `--attacks idlg` adds the L-BFGS family (dlg, idlg and cpl share its solver): victim-iterations/s
-of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed on up to 4 victims over
-the same iterations: the loop's rate does not depend on N), the evaluations of loss and
-gradient per victim-iteration (the line search's), and useful FLOP/s counted per evaluation.
+of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed over the same
+iterations on 4 of the N victims spread evenly, with their own seeds — `--loop-victims 0` times
+it on all N, `--loop-repeats 1` once: each victim's searches take their own number of
+evaluations, so a few victims are a sample), the evaluations of loss and gradient per
+victim-iteration (the line search's), and useful FLOP/s counted per evaluation.
 
 `--batch 1,4,16` (or `--clients "gradient(batch=4),fedavg(batch=4,steps=5)"`) attacks victims that
 upload a batch's gradient (or another client protocol) instead: for each client it reports the
@@ -107,13 +109,13 @@ def step_flops(target: Target, labels: torch.Tensor, **matching) -> float:
 
 
 def measure_lbfgs(target: Target, labels: torch.Tensor, iterations: int, repeats: int,
-                  vectorized: bool) -> tuple[float, float]:
+                  vectorized: bool, seeds: list[int] | None = None) -> tuple[float, float]:
     """(victim-iterations/s, victim-evaluations/s) of iDLG's L-BFGS (median of `repeats`);
-    no victim stops early (min_loss 0)."""
+    no victim stops early (min_loss 0). `seeds`: the victims' (default 0, 1, ...)."""
     from gileak.engine import lbfgs
 
     config = lbfgs.LBFGSConfig(min_loss=0.0, vectorized=vectorized)
-    seeds = list(range(target.num_victims))
+    seeds = list(range(target.num_victims)) if seeds is None else seeds
     lbfgs.lbfgs_matching(target, config, seeds=seeds, max_iterations=1, labels=labels)  # warm-up
     rates = []
     for _ in range(repeats):
@@ -161,8 +163,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--loop-iterations", type=int, default=5, help="iterations for the slower per-victim loop")
     parser.add_argument("--loop-victims", type=int, default=None,
-                        help="time the ig loop on at most this many victims (its rate does not depend on N); "
-                             "default: all")
+                        help="time the loop on at most this many victims; default: all for ig (its rate does not "
+                             "depend on N), 4 for idlg (spread evenly over the N: their searches differ; 0: all)")
+    parser.add_argument("--loop-repeats", type=int, default=None, help="timed runs of the loop (default: --repeats)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
     parser.add_argument("--attacks", default="ig", help="ig (Adam: ig, ignore) and/or idlg (L-BFGS: dlg, idlg, cpl)")
@@ -228,7 +231,8 @@ def main() -> None:
                     few = min(count, args.loop_victims or count)
                     subset = Target(net, {k: v[:few] for k, v in target.shared_gradient.items()}, INPUT, 10,
                                     labels=labels[:few])
-                    looped = measure(subset, labels[:few], args.loop_iterations, args.repeats, vectorized=False)
+                    looped = measure(subset, labels[:few], args.loop_iterations, args.loop_repeats or args.repeats,
+                                     vectorized=False)
                     useful = step_flops(target, labels) * batched
                     middle = f"{vmapped:>10.0f}"
                     name = engine_name(target)
@@ -237,13 +241,17 @@ def main() -> None:
 
                     batched, evaluations = measure_lbfgs(target, labels, args.iterations, args.repeats, True)
                     name = lbfgs.last_run.get("engine", "?")
-                    # The loop solves victims one after another, so its rate does not depend on N:
-                    # it is timed on a few victims over the same iterations (an L-BFGS iteration's
-                    # cost changes along the run: its line search takes more evaluations later).
-                    few = min(count, 4)
-                    subset = Target(net, {k: v[:few] for k, v in target.shared_gradient.items()}, INPUT, 10,
-                                    labels=labels[:few])
-                    looped, _ = measure_lbfgs(subset, labels[:few], args.iterations, args.repeats, False)
+                    # The loop solves victims one after another: it is timed on a few victims
+                    # (the same ones, with their seeds), spread evenly over the N — their searches
+                    # take 23 to 181 evaluations in 20 iterations, so the first few are no sample
+                    # — over the same iterations (a search takes more evaluations later on).
+                    wanted = 4 if args.loop_victims is None else args.loop_victims
+                    few = count if wanted <= 0 else min(count, wanted)
+                    picked = torch.linspace(0, count - 1, few).round().long().unique()
+                    subset = Target(net, {k: v[picked] for k, v in target.shared_gradient.items()}, INPUT, 10,
+                                    labels=labels[picked])
+                    looped, _ = measure_lbfgs(subset, labels[picked], args.iterations,
+                                              args.loop_repeats or args.repeats, False, seeds=picked.tolist())
                     useful = step_flops(target, labels, distance="euclidean", tv_weight=0.0) * evaluations
                     middle = f"{evaluations / batched:>10.2f}"
                 share_tf32 = useful / peak_tf32 if peak_tf32 else None
@@ -251,6 +259,7 @@ def main() -> None:
                       f"{batched / looped:>6.1f}x {useful / 1e9:>15.2f} {100 * useful / peak:>9.1f}%"
                       + (f" {100 * share_tf32:>7.1f}%" if share_tf32 is not None else ""), flush=True)
                 rows.append({"model": model_name, "attack": attack, "engine": name, "victims": count,
+                             "loop_victims": few,
                              "batched_its": batched, "loop_its": looped, "ratio": batched / looped,
                              "vmap_its": None if attack != "ig" or args.no_vmap else vmapped,
                              "evaluations_per_iteration": evaluations / batched if attack == "idlg" else 1.0,
