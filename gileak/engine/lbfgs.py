@@ -595,8 +595,12 @@ class _History:
                     [self.ro[:, slot] for slot in slots])
         offsets = torch.arange(ranks.start, ranks.stop, device=victims.device).unsqueeze(1)
         slots = (pushed.unsqueeze(0) - 1 - offsets) % self.size  # (ranks, n)
-        rows = victims.unsqueeze(0).expand_as(slots)
-        return self.dirs[rows, slots], self.stps[rows, slots], self.ro[rows, slots]
+        flat = (victims.unsqueeze(0) * self.size + slots).flatten()  # rows of the (count * size, D) views
+        shape = (*slots.shape, self.dirs.shape[2])
+        # index_select of whole rows (a copy on every thread; advanced indexing took 2-3x as long)
+        return (self.dirs.view(-1, shape[2]).index_select(0, flat).view(shape),
+                self.stps.view(-1, shape[2]).index_select(0, flat).view(shape),
+                self.ro.view(-1).index_select(0, flat).view(slots.shape))
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         """torch's two-loop recursion, d = -H g, for the victims `victims` (sorted, distinct;
