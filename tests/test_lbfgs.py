@@ -10,6 +10,7 @@ Comparisons on real models run in float64, some in float32 too (see `float64`, `
 in float32 an ulp of summation order can legitimately flip a decision."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -188,6 +189,51 @@ def test_the_search_generator_takes_torchs_strong_wolfe_steps_bit_for_bit(dtype)
         seen["tiny_bracket"] += 1 < result[3] < 26 and float(result[2]) == 0.0
         seen["short"] += result[3] <= 2
     assert all(count > 0 for count in seen.values()), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_scalar_arithmetic_is_torchs_0d_tensor_arithmetic_on_hostile_values(dtype):
+    """Each `_Scalar` operation against the same Python operator on torch 0-d tensors, bit for
+    bit (nan for nan), on values that break naive float code: signed zeros, infinities, nan,
+    the dtype's largest and subnormal values, products and sums that overflow it, division by
+    zero, Python numbers beyond its range, ints."""
+    import itertools
+
+    scalar = lbfgs._Scalar.of(dtype)
+    info = torch.finfo(dtype)
+    values = [0.0, -0.0, 1.0, -2.5, 1 / 3, math.pi * 1e-3, 1e30, -7e37, info.max, -info.max, info.tiny,
+              info.tiny / 8, math.inf, -math.inf, math.nan, 1e-7, 3.0]
+    numbers = [0, 2, 3, 0.1, 1e-4, 0.9, -1e39, 1e300, math.inf, math.nan, -0.0]
+    generator = torch.Generator().manual_seed(0)
+    values += (torch.randn(12, generator=generator, dtype=torch.float64) * 10 ** torch.randint(
+        -20, 20, (12,), generator=generator)).tolist()
+
+    def same(ours, theirs, what):
+        theirs = float(theirs) if isinstance(theirs, torch.Tensor) else theirs
+        ours = float(ours) if isinstance(ours, lbfgs._Scalar) else ours
+        assert (ours == theirs and math.copysign(1, ours) == math.copysign(1, theirs)) or (
+            ours != ours and theirs != theirs), f"{what}: {ours!r} against torch's {theirs!r}"
+
+    def tensor(value):
+        return torch.tensor(value, dtype=dtype)
+
+    operators = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
+                 "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+                 ">=": lambda a, b: a >= b}
+    with np.errstate(all="ignore"):  # as the solver runs the searches
+        for a, b in itertools.product(values, repeat=2):
+            for name, op in operators.items():
+                same(op(scalar(a), scalar(b)), op(tensor(a), tensor(b)), f"{a!r} {name} {b!r}")
+        for a, number in itertools.product(values, numbers):
+            for name, op in operators.items():
+                same(op(scalar(a), number), op(tensor(a), number), f"{a!r} {name} {number!r}")
+                if name in "+-*/":
+                    same(op(number, scalar(a)), op(number, tensor(a)), f"{number!r} {name} {a!r}")
+        for a in values:
+            same(scalar(a) ** 2, tensor(a) ** 2, f"{a!r} ** 2")
+            same(abs(scalar(a)), abs(tensor(a)), f"abs({a!r})")
+            same(-scalar(a), -tensor(a), f"-{a!r}")
+            same(scalar(a).sqrt(), tensor(a).sqrt(), f"sqrt({a!r})")
 
 
 @pytest.mark.parametrize("evals", [25, 3, 0])

@@ -254,7 +254,8 @@ class _Scalar:
     number` (torch's `Tensor.__rdiv__`), `tensor ** 2` is `tensor * tensor` (torch's pow kernel
     for exponent 2), and sqrt is torch's own (MKL's, not always correctly rounded: 0.5% of
     values differ from IEEE's in their last bit). `tests/test_lbfgs.py` runs torch's own `_strong_wolfe` on 0-d tensors
-    against ours on these, bit for bit. (On a GPU torch's own kernels may round a last bit
+    against ours on these, bit for bit, and each operation against torch's on hostile values
+    (signed zeros, inf, nan, overflow, division by zero, subnormals). (On a GPU torch's own kernels may round a last bit
     otherwise; the batched solver's decisions are those of the CPU rules.)"""
 
     __slots__ = ("value",)
