@@ -102,7 +102,7 @@ step cpu-tests 15 "$PYTHON" -m pytest -p no:cacheprovider -q tests/test_compat.p
 step throughput-cnn 45 "$PYTHON" benchmarks/attack_throughput.py --device "$DEVICE" --models cnn --attacks ig \
     --victims "$VICTIMS" $IG_SIZES --loop-victims 8 --no-vmap --json "$WORK/throughput-cnn.json"
 step throughput-cnn-lbfgs 30 "$PYTHON" benchmarks/attack_throughput.py --device "$DEVICE" --models cnn --attacks idlg \
-    --victims "$SMALL_VICTIMS" $IG_SIZES --json "$WORK/throughput-cnn-lbfgs.json"
+    --victims "$SMALL_VICTIMS" $IG_SIZES --loop-victims 4 --loop-repeats 1 --json "$WORK/throughput-cnn-lbfgs.json"
 step throughput-resnet18 50 "$PYTHON" benchmarks/attack_throughput.py --device "$DEVICE" --models resnet18 \
     --attacks ig --victims "$VICTIMS" $BIG_SIZES --loop-victims 4 --no-vmap --json "$WORK/throughput-resnet18.json"
 step throughput-vit 40 "$PYTHON" benchmarks/attack_throughput.py --device "$DEVICE" --models vit --attacks ig \
