@@ -523,7 +523,7 @@ class FactoredMatching:
         per_victim = self.per_victim
         matched = set(self.names)
         gbars: dict[int, torch.Tensor] = {}
-        ubars: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # Ubar, or (A, B): Ubar = A B
+        ubars: dict[int, torch.Tensor | tuple] = {}  # Ubar, or (A, B, c): Ubar = c A B
         for i in matched_at:
             layer, term = self.chain[i][1], terms[i]
             g, u = term["g"], term["u"]
@@ -548,15 +548,18 @@ class FactoredMatching:
                     gbar = torch.addcmul(su * a, g1, (b * term["uu"].unsqueeze(1))).unsqueeze(2)
                     ubar = torch.addcmul(stg * a, u1, (b * term["gg"].unsqueeze(1))).unsqueeze(2)
                 else:
+                    # Euclidean: Gbar^T = 2 (G − S)^T, its 2 applied by the matmuls (exact: a
+                    # power of two) instead of a pass over the (n, fan_in, fan_out) difference
                     if euclidean:
-                        upstream = term["diff"].mul_(2)
+                        upstream, scale = term["diff"], 2.0
                     else:
-                        upstream = term["grad_t"].mul_(beta.view(-1, 1, 1)).addcmul_(shared[0], alpha.view(-1, 1, 1))
-                    gbar = torch.bmm(upstream.transpose(1, 2), u)  # (n, fan_out, P)
+                        upstream, scale = term["grad_t"].mul_(beta.view(-1, 1, 1)).addcmul_(
+                            shared[0], alpha.view(-1, 1, 1)), 1.0
+                    gbar = _scaled_bmm(upstream.transpose(1, 2), u, scale)  # (n, fan_out, P)
                     if per_victim == 1:
-                        ubar = (upstream, g)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
+                        ubar = (upstream, g, scale)  # Ubar = Gbar^T g (n, fan_in, P), formed where it is used
                     else:  # formed here, to be listed image by image
-                        ubar = _by_image(torch.bmm(upstream, g), per_victim)
+                        ubar = _by_image(_scaled_bmm(upstream, g, scale), per_victim)
             if layer.bias in matched:
                 sb = laid_out[layer.bias][0]
                 if euclidean:
@@ -609,7 +612,7 @@ class FactoredMatching:
                 else:
                     bar = bar @ weight
                     if ubar is not None:
-                        bar = bar.add_((ubar if isinstance(ubar, torch.Tensor) else torch.bmm(*ubar)).squeeze(2))
+                        bar = bar.add_((ubar if isinstance(ubar, torch.Tensor) else _scaled_bmm(*ubar)).squeeze(2))
             elif op[0] == "relu":
                 bar = threshold_backward(bar, saved[i], 0)
             else:
@@ -1119,12 +1122,19 @@ def _conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args
     return F.conv2d(h, weight, bias, args["stride"], args["padding"], args["dilation"])
 
 
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale x the batched product a b, the scale applied by the matmul itself (alpha)."""
+    if scale == 1.0:
+        return torch.bmm(a, b)
+    return torch.baddbmm(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0, alpha=scale)
+
+
 def _conv_input_grad(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor, args: dict,
-                     cols: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+                     cols: torch.Tensor | tuple[torch.Tensor, torch.Tensor, float] | None,
                      buffer: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
     """The gradient w.r.t. a convolution's input of shape `shape` from its output gradient
     `grad`, plus the fold of `cols` (n, fan_in, P), a gradient w.r.t. its unfolded input, or of
-    the batched product A B where `cols` is (A, B). Where A B is formed here anyway, or the input
+    the batched product c A B where `cols` is (A, B, c). Where A B is formed here anyway, or the input
     has few channels (an image: the library's transposed convolution is slow there, ~3 ms for
     the CNN's first layer at 128 victims on a 2-core CPU), as one fold of W^T grad + A B, formed
     in `buffer` where given; else by the library's transposed convolution (plus the fold of
@@ -1132,7 +1142,7 @@ def _conv_input_grad(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor
     if _covers(args, shape[-2:]):
         out = grad.flatten(1) @ weight.flatten(1)
         if cols is not None:
-            out = out.add_((torch.bmm(*cols) if isinstance(cols, tuple) else cols).flatten(1))
+            out = out.add_((_scaled_bmm(*cols) if isinstance(cols, tuple) else cols).flatten(1))
         return out.view(shape)
     few = grad.device.type == "cpu" and _columns(shape, weight, args) <= _FEW_COLUMNS
     if isinstance(cols, tuple) or weight.shape[1] < 8 or few:
@@ -1143,7 +1153,7 @@ def _conv_input_grad(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor
         else:
             unfolded = torch.bmm(weight_t, flat, out=buffer((flat.shape[0], weight_t.shape[1], flat.shape[2])))
         if isinstance(cols, tuple):
-            unfolded = unfolded.baddbmm_(*cols)
+            unfolded = unfolded.baddbmm_(cols[0], cols[1], alpha=cols[2])
         elif cols is not None:
             unfolded = unfolded.add_(cols)
         return _fold(unfolded, shape, args)
