@@ -811,8 +811,9 @@ def _residual_layout(s: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A one-position layer's shared gradients S (N, fan_out, fan_in) laid out for the
     Euclidean rank-one terms: where S is of low rank (`_low_rank`: one image's gradient of such
     a layer has rank 1), (L, R, E, constants) with S = L R^T + E exactly to float64 rounding —
-    L, R float32 factors, E = S − L R^T formed in float64 and kept in float32 (its entries are
-    ~1e-6 of S's, so float32 keeps them to ~1e-13 of S) — and per victim the float64 constants
+    L, R float32 factors, E = S − L R^T formed in float64 and kept in float32 (its norm is at
+    most 1e-6 of S's, `_low_rank`'s check, ~1e-8 for one image's gradient, so float32 keeps it
+    to ~1e-14 of S) — and per victim the float64 constants
     (||L R^T||^2, <L R^T, E>, ||E||^2) (N, 3); else (S in float64,)."""
     factors = _low_rank(s)
     if factors is None:
