@@ -1096,11 +1096,15 @@ def _covers(args: dict, size) -> bool:
 _FEW_COLUMNS = 2**17
 
 
+def _output_size(height: int, width: int, args: dict) -> tuple[int, int]:
+    """The output rows and columns of a convolution (`args`: F.unfold's) of a height x width input."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def _columns(shape, weight: torch.Tensor, args: dict) -> int:
     """Elements of the unfolded input of a convolution of input `shape`: n x fan-in x positions."""
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
-    rows = (shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    columns = (shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    rows, columns = _output_size(shape[2], shape[3], args)
     return shape[0] * weight[0].numel() * rows * columns
 
 
@@ -1113,9 +1117,7 @@ def _conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, args
     if _covers(args, h.shape[-2:]):
         return F.linear(h.flatten(1), weight.flatten(1), bias).view(h.shape[0], -1, 1, 1)
     if patches is not None and h.device.type == "cpu":
-        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
-        rows = (h.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        columns = (h.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        rows, columns = _output_size(h.shape[2], h.shape[3], args)
         out = torch.matmul(weight.flatten(1), patches)
         if bias is not None:
             out = out.add_(bias.view(1, -1, 1))
@@ -1196,8 +1198,7 @@ def _fold(cols: torch.Tensor, shape: torch.Size, args: dict) -> torch.Tensor:
             return cols.reshape(shape)
     if cols.device.type != "cpu" or cols.numel() <= _LIBRARY_FOLD_ELEMENTS:
         return F.fold(cols, (height, width), **args)
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out_h, out_w = _output_size(height, width, args)
     cols = cols.view(n, channels, kh, kw, out_h, out_w)
     out = cols.new_zeros(n, channels, height + 2 * ph, width + 2 * pw)
     if out_w < 8:

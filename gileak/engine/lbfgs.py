@@ -799,7 +799,8 @@ class _GroupSolver:
         self.evaluations = [0] * count
         self.points = torch.empty(count, dim, device=device)
 
-        self.search_lengths: list[list[int]] = [[] for _ in range(count)]  # each victim's, in order
+        self.searches_done = [0] * count  # each victim's searches so far
+        self.longest: list[int] = []  # per round (a victim's k-th search), the longest search
         self.searches: dict = {}  # victim -> its _strong_wolfe generator
         self.trials: dict = {}  # victim -> the trial t its search waits on
         self.ended: dict = {}  # victim -> its search's result, this round
@@ -843,9 +844,7 @@ class _GroupSolver:
         self.report(self.max_iterations)
         # what a lockstep schedule (every victim's k-th search before anyone's k + 1-th) of the
         # same searches would call: one call at the start, then per round the longest search
-        rounds = max(map(len, self.search_lengths), default=0)
-        self.stats["lockstep_calls"] += (1 if self.count else 0) + sum(
-            max(lengths[j] for lengths in self.search_lengths if len(lengths) > j) for j in range(rounds))
+        self.stats["lockstep_calls"] += (1 if self.count else 0) + sum(self.longest)
         return self.result()
 
     def finish(self, rows: torch.Tensor, x_new: torch.Tensor, moved: torch.Tensor) -> list[int]:
@@ -957,7 +956,12 @@ class _GroupSolver:
         stats["searches"] += len(victims)
         for k in victims:
             searched, zoom = ended[k][3], ended[k][4]
-            self.search_lengths[k].append(searched)
+            round_ = self.searches_done[k]  # the victim's round-th search: a lockstep schedule's round
+            self.searches_done[k] += 1
+            if round_ == len(self.longest):
+                self.longest.append(searched)
+            elif searched > self.longest[round_]:
+                self.longest[round_] = searched
             stats["search_evaluations"] += searched
             stats["zoom_evaluations"] += zoom
             stats["long_searches"] += searched > 2
