@@ -328,9 +328,9 @@ def test_victims_run_out_of_step_so_every_engine_call_carries_every_victim_still
     next step in the same round, so every round evaluates every victim still running and the
     engine calls are as many as ONE victim's evaluations — the most any victim needs — where
     the lockstep solver (all victims' step k before anyone's step k + 1) made one call per
-    round of the longest search of every iteration (`lockstep_calls`: here 1.5-2x as many; with
-    seed 0 one victim has the longest search of every round and the two are equal). Progress
-    still adds up to max_iterations, reported as the slowest running victim advances."""
+    round of the longest search of every iteration (`lockstep_calls`: here 1.5-2x as many, by
+    thread count; where one victim has the longest search of every round the two are equal).
+    Progress still adds up to max_iterations, reported as the slowest running victim advances."""
     target, _ = cnn_target(n=5, seed=3)
     counted = []
     result = lbfgs_matching(target, LBFGSConfig(minmax=False), seeds=[0, 1, 2, 3, 4], max_iterations=10,
