@@ -1177,8 +1177,8 @@ def _transposed_conv(grad: torch.Tensor, shape: torch.Size, weight: torch.Tensor
 
 
 #: Up to this many column elements PyTorch's one-threaded col2im beats `_fold`'s strided adds,
-#: whose cost is mostly per-add overhead for few victims (the CNN's image fold, one victim:
-#: 0.04 against 0.8 ms; even at about 48 victims of the CNN, 2 threads).
+#: whose cost is mostly per-add overhead for few victims (the CNN's image fold for one victim:
+#: 0.04 against 0.8 ms; the two break even near 48 CNN victims, 2^19 elements, on 2 threads).
 _LIBRARY_FOLD_ELEMENTS = 2**19
 
 
