@@ -464,11 +464,7 @@ class FactoredMatching:
             if layer.weight is not None:
                 shared = laid_out[layer.weight]
                 if layer.ghost and euclidean:  # one position: G = g u^T, S in float64
-                    term.update(_rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared, squares[layer.weight]))
-                    diffs[layer.weight] = term["distance"].to(g.dtype)
-                    if cosine:
-                        norms[layer.weight] = (term["gg"] * term["uu"]).to(g.dtype)
-                        dots[layer.weight] = term["dot"].to(g.dtype)
+                    term.update(_rank_one_terms(layer.weight, g, u, shared, squares, cosine, dots, norms, diffs))
                 elif layer.ghost:  # one position: G = g u^T
                     g1, u1 = g.squeeze(2), u.squeeze(2)
                     term["gg"], term["uu"] = g1.pow(2).sum(1), u1.pow(2).sum(1)
@@ -702,11 +698,7 @@ class FactoredMatching:
         if layer.weight is not None:
             shared = laid_out[layer.weight]
             if layer.ghost and euclidean:  # one position (`build`): G = g u^T, S in float64
-                terms = _rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared, squares[layer.weight])
-                diffs[layer.weight] = terms["distance"].to(g.dtype)
-                if cosine:
-                    norms[layer.weight] = (terms["gg"] * terms["uu"]).to(g.dtype)
-                    dots[layer.weight] = terms["dot"].to(g.dtype)
+                _rank_one_terms(layer.weight, g, u, shared, squares, cosine, dots, norms, diffs)
             elif layer.ghost:
                 if u.shape[2] == 1:  # one position: G = g u^T, ||G||^2 = |g|^2 |u|^2
                     g1, u1 = g.squeeze(2), u.squeeze(2)
@@ -863,6 +855,19 @@ def _rank_one_euclidean(g: torch.Tensor, u: torch.Tensor, shared: tuple[torch.Te
     su = torch.bmm(left.double(), from_u.unsqueeze(2)).squeeze(2) + eu  # S u = L (R^T u) + E u
     return {"g64": g64, "u64": u64, "gg": gg, "uu": uu, "su": su, "dot": factored + small, "from_g": from_g,
             "distance": distance.clamp(min=0)}
+
+
+def _rank_one_terms(name: str, g: torch.Tensor, u: torch.Tensor, shared: tuple[torch.Tensor, ...], squares: dict,
+                    cosine: bool, dots: dict, norms: dict, diffs: dict) -> dict:
+    """A one-position layer's Euclidean terms (`_rank_one_euclidean`, g (n, fan_out, 1), u
+    (n, fan_in, 1)) into `diffs` — and `norms`, `dots` where cosines are wanted too (a trace) —
+    in the factors' dtype; returns `_rank_one_euclidean`'s float64 terms."""
+    terms = _rank_one_euclidean(g.squeeze(2), u.squeeze(2), shared, squares[name])
+    diffs[name] = terms["distance"].to(g.dtype)
+    if cosine:
+        norms[name] = (terms["gg"] * terms["uu"]).to(g.dtype)
+        dots[name] = terms["dot"].to(g.dtype)
+    return terms
 
 
 def _shared_transpose_times(g: torch.Tensor, g64: torch.Tensor, shared: tuple[torch.Tensor, ...],
