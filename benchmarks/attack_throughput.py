@@ -109,6 +109,14 @@ def step_flops(target: Target, labels: torch.Tensor, **matching) -> float:
     return float(counter.get_total_flops())
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (else argparse's usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
 def measure_lbfgs(target: Target, labels: torch.Tensor, iterations: int, repeats: int,
                   vectorized: bool, seeds: list[int] | None = None) -> tuple[float, float]:
     """(victim-iterations/s, victim-evaluations/s) of iDLG's L-BFGS (median of `repeats`);
@@ -166,8 +174,8 @@ def main() -> None:
     parser.add_argument("--loop-victims", type=int, default=None,
                         help="time the loop on at most this many victims; default: all for ig (its rate does not "
                              "depend on N), 16 for idlg (spread evenly over the N: their searches differ; 0: all)")
-    parser.add_argument("--loop-repeats", type=int, default=None, help="timed runs of the loop (default: --repeats)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is shown")
+    parser.add_argument("--loop-repeats", type=_positive, default=None, help="timed runs of the loop (default: --repeats)")
+    parser.add_argument("--repeats", type=_positive, default=3, help="timed runs per figure; the median is shown")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap column (slow for large models)")
     parser.add_argument("--attacks", default="ig", help="ig (Adam: ig, ignore) and/or idlg (L-BFGS: dlg, idlg, cpl)")
     parser.add_argument("--batch", default=None, help="comma-separated batch sizes B: attack gradient(batch=B) "
