@@ -355,14 +355,12 @@ def test_chain_step_matches_the_autograd_path_and_vmap(distance, keep):
 @pytest.mark.parametrize("few", [True, False])
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_the_chain_steps_ways_for_few_and_many_victims_agree(small_target, monkeypatch, few, distance):
-    """Few victims: convolutions through the unfolded input and one matmul, torch's col2im;
-    many: the library's (transposed) convolutions and the strided-add fold. The thresholds
-    forced each way: the same step as vmap, on the paper's CNN and on a chain with padding,
-    dilation and an image input of 3 channels."""
+    """Few victims: convolutions through the unfolded input and one matmul; many: the
+    library's (transposed) convolutions. The threshold forced each way: the same step as vmap,
+    on the paper's CNN and on a chain with padding, dilation and an image input of 3 channels."""
     from gileak.engine import fast
 
     monkeypatch.setattr(fast, "_FEW_COLUMNS", 2**62 if few else 0)
-    monkeypatch.setattr(fast, "_LIBRARY_FOLD_ELEMENTS", 2**62 if few else 0)
     net, gradients, labels = small_target
     torch.manual_seed(0)
     chain = _chain_net()
@@ -398,18 +396,18 @@ def test_the_paper_cnn_takes_the_chain_step_and_a_bottleneck_does_not(small_targ
     {"kernel_size": (3, 2), "dilation": (2, 1), "padding": (1, 2), "stride": (1, 2)},
     {"kernel_size": (3, 3), "dilation": (1, 1), "padding": (0, 0), "stride": (1, 1)},
 ])
-@pytest.mark.parametrize("size", [(2, 3, 9, 11), (2, 3, 20, 21)])  # short rows (two passes) and long ones
-def test_fold_by_slices_matches_torch_fold(args, size, monkeypatch):
-    """The strided adds (few columns go to torch's own fold: the threshold 0 forces the adds)."""
+@pytest.mark.parametrize("size", [(2, 3, 9, 11), (2, 3, 20, 21), (1, 1, 7, 7)])
+def test_fold_by_index_add_is_torchs_fold_bit_for_bit(args, size):
+    """One index_add_ of the columns into the padded input adds what col2im adds, in its
+    order: the same bits (padding, dilation and strides included; the index is cached)."""
     import torch.nn.functional as F
 
-    from gileak.engine import fast
     from gileak.engine.fast import _fold
 
-    monkeypatch.setattr(fast, "_LIBRARY_FOLD_ELEMENTS", 0)
     cols = F.unfold(torch.randn(size), **args)
-    cols = torch.randn_like(cols)
-    torch.testing.assert_close(_fold(cols, torch.Size(size), args), F.fold(cols, size[2:], **args))
+    for _ in range(2):  # the second time from the cached index
+        cols = torch.randn_like(cols)
+        assert torch.equal(_fold(cols, torch.Size(size), args), F.fold(cols, size[2:], **args))
 
 
 def test_vmap_runs_in_memory_sized_chunks_with_the_same_result(monkeypatch):
