@@ -1,5 +1,7 @@
 """The vectorized engine: per-victim optimizer semantics and batch/alone equivalence."""
 
+import math
+
 import pytest
 import torch
 
@@ -155,6 +157,45 @@ def test_factored_step_matches_the_vmap_step(small_target, distance, trace):
         torch.testing.assert_close(cos, ref_cos, rtol=1e-5, atol=1e-6)
 
 
+def _unpacked(kept: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, shape) -> torch.Tensor:
+    """`_compacted`'s matrices back at their rows and columns of (N, a, b) zeros."""
+    n, a, b = shape
+    full = kept.new_zeros(n, a + 1, b + 1)
+    for i in range(n):
+        full[i, rows[i].unsqueeze(1), columns[i].unsqueeze(0)] = kept[i]
+    return full[:, :a, :b]
+
+
+def test_compacted_matrices_leave_out_only_zero_rows_and_columns():
+    """Each victim's all-zero rows and columns left out (their own numbers of them; padding to
+    the most kept with an index past the end and zeros), a NaN kept; products through the
+    kept indices are the full products (the terms left out are zeros)."""
+    from gileak.engine.fast import _compacted, _picked, _placed
+
+    generator = torch.Generator().manual_seed(0)
+    m = torch.randn(4, 6, 9, generator=generator)
+    m[0, [1, 4]] = 0  # victim 0: two zero rows
+    m[1, :, [0, 3, 8]] = 0  # victim 1: three zero columns
+    m[2] = 0  # victim 2: nothing at all
+    m[3, 2, 5] = math.nan  # victim 3: a NaN, kept
+    m[3, :, 6] = 0
+    m[3, 2, 6] = -0.0
+    kept, rows, columns = _compacted(m)
+    assert kept.shape == (4, 6, 9) and rows.shape == (4, 6) and columns.shape == (4, 9)  # the most any keeps
+    assert rows[0].tolist() == [0, 2, 3, 5, 6, 6] and rows[2].tolist() == [6] * 6  # padded with 6
+    assert columns[1].tolist() == [1, 2, 4, 5, 6, 7, 9, 9, 9] and columns[3].tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert torch.equal(_unpacked(kept, rows, columns, m.shape).nan_to_num(), m.nan_to_num())
+    assert kept[3].isnan().sum() == 1
+    u, g = torch.randn(4, 9, generator=generator), torch.randn(4, 6, generator=generator)
+    mu = _placed(torch.bmm(kept, _picked(u, columns).unsqueeze(2)).squeeze(2), rows, 6)
+    gm = _placed(torch.bmm(_picked(g, rows).unsqueeze(1), kept).squeeze(1), columns, 9)
+    torch.testing.assert_close(mu[:3], torch.bmm(m, u.unsqueeze(2)).squeeze(2)[:3], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gm[:3], torch.bmm(g.unsqueeze(1), m).squeeze(1)[:3], rtol=1e-6, atol=1e-6)
+    assert mu[3, 2].isnan() and not mu[3, [0, 1, 3, 4, 5]].isnan().any() and mu[2].eq(0).all()
+    none = _compacted(torch.zeros(0, 6, 9))
+    assert [tuple(t.shape) for t in none] == [(0, 0, 0), (0, 0), (0, 0)]
+
+
 def test_euclidean_one_position_layers_are_rank_one_products_formed_in_float64(small_target, monkeypatch):
     """Euclidean matching of a one-position layer (the CNN's last convolution and classifier)
     does not materialise G = g u^T: ||G − S||^2 = |g|^2 |u|^2 − 2 g.(S u) + ||S||^2 in float64
@@ -171,8 +212,11 @@ def test_euclidean_one_position_layers_are_rank_one_products_formed_in_float64(s
     shared = tuple(target.shared_gradient[n] for n in victim_loss.names)
     rank_one = factored_engine(target, config, victim_loss)
     assert [layer.ghost for layer in rank_one.layers] == [False, False, True, True]
-    left, right, residual, constants = rank_one._prepare(shared)[0]["6.weight"]  # S = L R^T + E: rank 1
+    # S = L R^T + E: rank 1, E kept without its zero rows and columns (ReLU's)
+    left, right, kept, constants, rows, columns = rank_one._prepare(shared)[0]["6.weight"]
     s = gradients["6.weight"].flatten(2).double()
+    assert kept.shape[1] < 64 and kept.shape[2] < 800
+    residual = _unpacked(kept, rows, columns, s.shape)
     assert left.shape[2] == 1 and residual.abs().max() < 1e-5 * s.abs().max()
     rebuilt = torch.bmm(left.double(), right.double().transpose(1, 2)) + residual.double()
     assert (rebuilt - s).abs().max() < 1e-12 * s.abs().max()
@@ -185,7 +229,8 @@ def test_euclidean_one_position_layers_are_rank_one_products_formed_in_float64(s
     noisy_shared = tuple(noisy[n] for n in victim_loss.names)
     full_rank = factored_engine(noisy_target, config, victim_loss)
     layout = full_rank._prepare(noisy_shared)[0]["6.weight"]  # not of low rank: S in float64
-    assert len(layout) == 1 and layout[0].dtype == torch.float64
+    assert len(layout) == 3 and layout[0].dtype == torch.float64
+    assert torch.equal(_unpacked(*layout, s.shape), noisy["6.weight"].flatten(2).double())  # noise: nothing left out
     noisy_step = full_rank.step(images, labels, noisy_shared)
     monkeypatch.setattr(fast_module, "EUCLIDEAN_GHOST_MEMORY", 0)
     for engine, inputs, step in ((factored_engine(target, config, victim_loss), shared, (grads, losses, cosines)),
@@ -213,7 +258,7 @@ def test_rank_one_euclidean_distance_is_exact_where_float32_g_minus_s_is_not(gap
     """Near a match (||G − S|| = gap ||S||) the rank-one distance — from S = L R^T + E or from
     S in float64 — is closer to the exact distance of the same float32 factors than float32's
     materialised G − S: 9-170,000x (the residual layout) and 200-3,000,000x (float64)."""
-    from gileak.engine.fast import _rank_one_euclidean, _residual_layout
+    from gileak.engine.fast import _compacted, _rank_one_euclidean, _residual_layout
 
     generator = torch.Generator().manual_seed(0)
     g0, u = torch.randn(4, 64, generator=generator), torch.randn(4, 800, generator=generator)
@@ -222,8 +267,8 @@ def test_rank_one_euclidean_distance_is_exact_where_float32_g_minus_s_is_not(gap
     g = g0 + gap * direction * g0.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True)
     exact = (g.double().unsqueeze(2) * u.double().unsqueeze(1) - s.double()).square().flatten(1).sum(1)
     s64 = s.double()
-    shared = _residual_layout(s) if layout == "residual" else (s64,)
-    assert len(shared) == (4 if layout == "residual" else 1)
+    shared = _residual_layout(s) if layout == "residual" else _compacted(s64)
+    assert len(shared) == (6 if layout == "residual" else 3)
     ours = _rank_one_euclidean(g, u, shared, s64.square().flatten(1).sum(1))["distance"]
     float32 = (g.unsqueeze(2) * u.unsqueeze(1) - s).square().flatten(1).sum(1).double()
     ours_error, float32_error = ((ours - exact).abs() / exact).max(), ((float32 - exact).abs() / exact).max()
@@ -408,6 +453,26 @@ def test_fold_by_index_add_is_torchs_fold_bit_for_bit(args, size):
     for _ in range(2):  # the second time from the cached index
         cols = torch.randn_like(cols)
         assert torch.equal(_fold(cols, torch.Size(size), args), F.fold(cols, size[2:], **args))
+
+
+@pytest.mark.parametrize("args", [
+    {"kernel_size": (5, 5), "dilation": (1, 1), "padding": (0, 0), "stride": (2, 2)},
+    {"kernel_size": (3, 2), "dilation": (2, 1), "padding": (1, 2), "stride": (1, 2)},
+    {"kernel_size": (3, 3), "dilation": (1, 1), "padding": (1, 1), "stride": (1, 1)},
+])
+@pytest.mark.parametrize("size", [(2, 3, 9, 11), (2, 3, 32, 32), (2, 16, 14, 14)])  # short rows and long ones
+def test_unfold_by_windows_or_index_is_torchs_unfold(args, size):
+    """Both ways of `_unfold` (strided windows for long output rows, an index_select for short
+    ones or a dilation), into a buffer or not, copy exactly F.unfold's columns."""
+    import torch.nn.functional as F
+
+    from gileak.engine.fast import _unfold
+
+    x = torch.randn(size)
+    expected = F.unfold(x, **args)
+    buffer = torch.full((expected.shape[0] + 1, *expected.shape[1:]), math.nan)  # a larger, stale buffer
+    assert torch.equal(_unfold(x, args), expected)
+    assert torch.equal(_unfold(x, args, lambda shape: buffer[: shape[0]]), expected)
 
 
 def test_vmap_runs_in_memory_sized_chunks_with_the_same_result(monkeypatch):
