@@ -255,9 +255,9 @@ class FactoredMatching:
         dim — (S^T (N, fan_in, fan_out),) where the dummy gradient is materialised (transposed,
         so that the image gradient needs no copies), (S (N, fan_out, fan_in),) or, when the
         victims' shared gradients are of low rank r, their factors (L (N, fan_out, r),
-        R (N, fan_in, r)) with S = L R^T, where it is not (cosine), (S in float64,) where it is
-        not (Euclidean) — and each victim's squared shared norm per parameter (float64 for
-        those); computed once per attack."""
+        R (N, fan_in, r)) with S = L R^T, where it is not (cosine), (S,); Euclidean:
+        `_residual_layout`'s — and each victim's squared shared norm per parameter (float64
+        for those); computed once per attack."""
         if self._prepared is not None and self._prepared[0] is shared:
             return self._prepared[1]
         by_name = dict(zip(self.wanted, shared))
@@ -805,28 +805,43 @@ def _residual_layout(s: torch.Tensor) -> tuple[torch.Tensor, ...]:
     a layer has rank 1), (L, R, E, constants, rows, columns) with S = L R^T + E exactly to
     float64 rounding — L, R float32 factors, E = S − L R^T formed in float64 and kept in
     float32 (its norm is at most 1e-6 of S's, `_low_rank`'s check, ~1e-8 for one image's
-    gradient, so float32 keeps it to ~1e-14 of S), without its all-zero rows and columns
-    (`_compacted`: rows and columns index the kept ones) — and per victim the float64
-    constants (||L R^T||^2, <L R^T, E>, ||E||^2) (N, 3); else (S in float64 without its
-    all-zero rows and columns, rows, columns)."""
+    gradient, so float32 keeps it to ~1e-14 of S) at S's rows and columns that are not all zero
+    (`_compacted`: rows and columns index them; L and R are zero at the others, so E is zero
+    there) — and per victim the float64 constants (||L R^T||^2, <L R^T, E>, ||E||^2) (N, 3);
+    else (S in float64 at those rows and columns, rows, columns)."""
     factors = _low_rank(s)
+    kept, rows, columns = _compacted(s)
     if factors is None:
-        return _compacted(s.double())
-    left, right = factors
+        return kept.double(), rows, columns
+    # A zero row (column) of S has zero coefficients (basis entries) in the factors; set
+    # exactly so, E is exactly zero outside the kept rows and columns.
+    left = torch.where(_is_kept(rows, s.shape[1]).unsqueeze(2), factors[0], 0.0)
+    right = torch.where(_is_kept(columns, s.shape[2]).unsqueeze(2), factors[1], 0.0)
+    left_kept, right_kept = _picked_rows(left, rows), _picked_rows(right, columns)
     residuals, constants = [], []
     for start in range(0, s.shape[0], 16):  # float64 temporaries 16 victims at a time
-        rows = slice(start, start + 16)
-        l64, r64 = left[rows].double(), right[rows].double()
+        victims = slice(start, start + 16)
+        l64, r64 = left_kept[victims].double(), right_kept[victims].double()
         product = torch.bmm(l64, r64.transpose(1, 2))
-        residual = s[rows].double() - product
-        kept = residual.float()
-        exact = kept.double()
+        residual = (kept[victims].double() - product).float()
+        exact = residual.double()
         constants.append(torch.stack([
             (torch.bmm(l64.transpose(1, 2), l64) * torch.bmm(r64.transpose(1, 2), r64)).flatten(1).sum(1),
             (product * exact).flatten(1).sum(1), exact.square().flatten(1).sum(1)], dim=1))
-        residuals.append(kept)
-    residual, rows, columns = _compacted(torch.cat(residuals))
-    return left.contiguous(), right.contiguous(), residual, torch.cat(constants), rows, columns
+        residuals.append(residual)
+    empty = s.new_zeros(0, *kept.shape[1:])
+    return (left.contiguous(), right.contiguous(), torch.cat(residuals) if residuals else empty,
+            torch.cat(constants) if constants else s.new_zeros(0, 3, dtype=torch.float64), rows, columns)
+
+
+def _is_kept(index: torch.Tensor, size: int) -> torch.Tensor:
+    """`_compacted`'s kept indices (n, a') as a mask (n, size)."""
+    return torch.zeros(index.shape[0], size + 1, dtype=torch.bool, device=index.device).scatter_(1, index, True)[:, :size]
+
+
+def _picked_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (n, a, r) at `_compacted`'s kept indices of its rows (n, a'): zero rows where padded."""
+    return F.pad(t, (0, 0, 0, 1)).gather(1, index.unsqueeze(2).expand(-1, -1, t.shape[2]))
 
 
 def _compacted(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
