@@ -253,11 +253,11 @@ class FactoredMatching:
     def _prepare(self, shared: tuple[torch.Tensor, ...]) -> tuple:
         """Each matched parameter's shared gradients as a tuple of tensors with a leading victim
         dim — (S^T (N, fan_in, fan_out),) where the dummy gradient is materialised (transposed,
-        so that the image gradient needs no copies), (S (N, fan_out, fan_in),) or, when the
-        victims' shared gradients are of low rank r, their factors (L (N, fan_out, r),
-        R (N, fan_in, r)) with S = L R^T, where it is not (cosine), (S,); Euclidean:
-        `_residual_layout`'s — and each victim's squared shared norm per parameter (float64
-        for those); computed once per attack."""
+        so that the image gradient needs no copies); for a ghost layer, cosine: the factors
+        (L (N, fan_out, r), R (N, fan_in, r)) with S = L R^T where the victims' shared
+        gradients are of low rank r, else (S (N, fan_out, fan_in),), Euclidean:
+        `_residual_layout`'s; a bias's (b,) — and each victim's squared shared norm per
+        parameter (float64 for the Euclidean ghosts); computed once per attack."""
         if self._prepared is not None and self._prepared[0] is shared:
             return self._prepared[1]
         by_name = dict(zip(self.wanted, shared))
