@@ -599,6 +599,7 @@ class _History:
         self.stps = torch.zeros(count, size, dim, device=device)  # s
         self.ro = torch.zeros(count, size, device=device)
         self.pushed = torch.zeros(count, dtype=torch.long, device=device)  # pairs each victim stored
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # `_pairs`'s buffers
 
     def push(self, victims: torch.Tensor, y: torch.Tensor, s: torch.Tensor, ro: torch.Tensor) -> None:
         """Store (y, s, ro) (rows in the order of `victims`) as those victims' newest pairs."""
@@ -618,11 +619,18 @@ class _History:
         offsets = torch.arange(ranks.start, ranks.stop, device=victims.device).unsqueeze(1)
         slots = (pushed.unsqueeze(0) - 1 - offsets) % self.size  # (ranks, n)
         flat = (victims.unsqueeze(0) * self.size + slots).flatten()  # rows of the (count * size, D) views
-        shape = (*slots.shape, self.dirs.shape[2])
-        # index_select of whole rows (a copy on every thread; advanced indexing took 2-3x as long)
-        return (self.dirs.view(-1, shape[2]).index_select(0, flat).view(shape),
-                self.stps.view(-1, shape[2]).index_select(0, flat).view(shape),
-                self.ro.view(-1).index_select(0, flat).view(slots.shape))
+        dim = self.dirs.shape[2]
+        # index_select of whole rows (a copy on every thread; advanced indexing took 2-3x as
+        # long) into buffers kept between calls: a fresh block of 32 MB or more is new memory
+        # from the system every time, whose first touch cost 10x the copy (128 CNN victims x 19
+        # ranks: 21 against 2 ms)
+        if self._gathered is None or self._gathered[0].shape[0] < flat.numel():
+            self._gathered = (self.dirs.new_empty(flat.numel(), dim), self.stps.new_empty(flat.numel(), dim))
+        dirs, stps = (buffer[: flat.numel()] for buffer in self._gathered)
+        torch.index_select(self.dirs.view(-1, dim), 0, flat, out=dirs)
+        torch.index_select(self.stps.view(-1, dim), 0, flat, out=stps)
+        shape = (*slots.shape, dim)
+        return dirs.view(shape), stps.view(shape), self.ro.view(-1).index_select(0, flat).view(slots.shape)
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         """torch's two-loop recursion, d = -H g, for the victims `victims` (sorted, distinct;
