@@ -346,12 +346,13 @@ def test_victims_run_out_of_step_so_every_engine_call_carries_every_victim_still
 
 
 def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypatch):
-    """Victims at different iterations share rounds (and the two-loop recursion gathers each
+    """Victims at different iterations share rounds (and the two-loop recursion takes each
     one's own pairs from its own ring position), yet each follows exactly the trajectory it
     follows alone — bit for bit, once the engine gives each victim the same rounding whatever
     the others in the call (here: one engine call per victim; the solver's row-wise dot
-    products reduce each row alone). A history of 3 wraps around at different rounds; the two-loop
-    recursion gathers the pairs of all ranks at once or one rank at a time, alike."""
+    products reduce each row alone, the recursion's batched products and solves each
+    victim alone). A history of 3 wraps around at different rounds; the recursion's history
+    gathered for all victims at once or one victim at a time, alike."""
     original = lbfgs._Evaluator.__call__
 
     def one_at_a_time(self, points, index):
@@ -366,7 +367,7 @@ def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypat
     together = lbfgs_matching(target, config, seeds=seeds, max_iterations=8, labels=target.labels)
     per_victim = lbfgs.last_run["victim_evaluations"]
     assert min(per_victim) < max(per_victim) / 2  # out of step
-    with monkeypatch.context() as patch:  # the two-loop recursion gathering one rank at a time
+    with monkeypatch.context() as patch:  # the two-loop recursion gathering one victim at a time
         patch.setattr(lbfgs._History, "GATHER_MEMORY", 1)
         blocks = lbfgs_matching(target, config, seeds=seeds, max_iterations=8, labels=target.labels)
     assert torch.equal(blocks.images, together.images) and blocks.final_loss == together.final_loss
@@ -377,6 +378,68 @@ def test_out_of_step_victims_follow_their_own_trajectories_bit_for_bit(monkeypat
         alone = lbfgs_matching(alone_target, config, seeds=[seeds[k]], max_iterations=8, labels=target.labels[k:k + 1])
         assert torch.equal(alone.images[0], together.images[k])
         assert alone.final_loss[0] == together.final_loss[k] and alone.iterations[0] == together.iterations[k]
+
+
+def _torchs_two_loop(g, pairs, h_diag):
+    """torch.optim.LBFGS.step's two-loop recursion, as torch writes it; pairs (y, s, ro)
+    oldest first."""
+    q = g.neg()
+    al = [None] * len(pairs)
+    for i in range(len(pairs) - 1, -1, -1):
+        y, s, ro = pairs[i]
+        al[i] = s.dot(q) * ro
+        q.add_(y, alpha=-al[i])
+    d = r = torch.mul(q, h_diag)
+    for i in range(len(pairs)):
+        y, s, ro = pairs[i]
+        be_i = y.dot(r) * ro
+        r.add_(s, alpha=al[i] - be_i)
+    return d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_gram_form_of_the_two_loop_recursion_is_torchs_recursion(dtype):
+    """`_History.direction` (the recursion's coefficients from inner products, by two
+    triangular solves) against torch's own recursion on each victim's pairs: victims out of
+    step, a history of 4 wrapping around, ranks some victims lack, subsets of victims, and a
+    victim pushed twice with no direction between (its inner products filled in at the second
+    push). float64: to 1e-13 of |d|; float32: within float32's own error of the recursion
+    (measured: 1e-7 of |d|, as torch's float32 recursion against float64's)."""
+    from gileak.engine.lbfgs import _History
+
+    generator = torch.Generator().manual_seed(0)
+    dim, size, count = 300, 4, 5
+    curvature = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    curvature = curvature @ curvature.T + 0.1 * torch.eye(dim, dtype=torch.float64)
+    history = _History(size, count, dim, "cpu")
+    history.pairs, history.ro = history.pairs.to(dtype), history.ro.to(dtype)
+    kept: dict[int, list] = {k: [] for k in range(count)}
+    for step in range(9):
+        victims = torch.tensor([k for k in range(count) if (step + k) % 3 != 0 or step == 4])
+        s = 0.1 * torch.randn(len(victims), dim, generator=generator, dtype=torch.float64)
+        y = s @ curvature
+        ro = 1.0 / (y * s).sum(1)
+        history.push(victims, y.to(dtype), s.to(dtype), ro.to(dtype))
+        for j, k in enumerate(victims.tolist()):
+            kept[k] = (kept[k] + [(y[j].to(dtype), s[j].to(dtype), ro[j].to(dtype))])[-size:]
+        if step == 3:
+            continue  # step 4 pushes every victim again before any direction
+        asked = torch.tensor([k for k in range(count) if (step + k) % 2 == 0 or k in victims.tolist()])
+        g = torch.randn(len(asked), dim, generator=generator, dtype=torch.float64).to(dtype)
+        h_diag = (0.5 + torch.rand(len(asked), generator=generator, dtype=torch.float64)).to(dtype)
+        ours = history.direction(g, h_diag, asked)
+        assert ours.dtype == dtype
+        for j, k in enumerate(asked.tolist()):
+            exact = _torchs_two_loop(g[j].double(), [tuple(t.double() for t in p) for p in kept[k]], h_diag[j].double())
+            error = float((ours[j].double() - exact).norm() / exact.norm())
+            if dtype == torch.float64:
+                assert error < 1e-13, (step, k, error)
+            else:
+                theirs = _torchs_two_loop(g[j], kept[k], h_diag[j])
+                own = float((theirs.double() - exact).norm() / exact.norm())
+                assert error < max(4 * own, 1e-6), (step, k, error, own)
+    pushed = history.pushed.tolist()
+    assert min(pushed) > size and len(set(pushed)) > 1, pushed  # every ring wrapped, out of step
 
 
 def test_a_history_shorter_than_the_run_wraps_around_as_torch_drops_its_oldest_pairs(float64):

@@ -6,9 +6,10 @@ alone, one `step` per iteration, but all victims at once (`LBFGSConfig.vectorize
 default): the per-victim losses and gradients of every round come from ONE batched call of the
 engine IG uses (the factored fast path of `gileak.engine.fast` where the model allows it and the
 labels are fixed, else chunked `vmap(grad_and_value(...), randomness="different")`), and the
-L-BFGS bookkeeping — curvature pairs in a per-victim ring buffer, the two-loop recursion, the
-step length — runs as tensor operations over the victims, each victim keeping its own history,
-step and stopping. `vectorized=False` is the reference: a plain loop of torch.optim.LBFGS per
+L-BFGS bookkeeping — curvature pairs in a per-victim ring buffer, the two-loop recursion (in
+its Gram form, `_History`: the recursion's coefficients from the pairs' inner products, the same
+direction to rounding), the step length — runs as tensor operations over the victims, each
+victim keeping its own history, step and stopping. `vectorized=False` is the reference: a plain loop of torch.optim.LBFGS per
 victim.
 
 What `torch.optim.LBFGS.step` does with max_iter=1 (torch 2.x, `torch/optim/lbfgs.py`):
@@ -581,92 +582,159 @@ class _Evaluator:
 
 class _History:
     """Each victim's curvature pairs (y, s, 1/ys) — torch's FIFO of `size` pairs, the oldest
-    dropped when a new one arrives — in a ring per victim: victim k's pairs lie in row k of
-    (count, size, D) buffers, its next pair goes to slot pushed[k] % size, its j-th newest is
-    in slot (pushed[k] - 1 - j) % size. The victims are not in step (see `_solve_group`), so each
-    keeps its own position; the two-loop recursion for a subset of victims gathers each one's
-    pairs newest first into (ranks, n, D) blocks, once for both loops where they fit in
-    GATHER_MEMORY (views, no copy, where every victim is at the same position). Slots a victim
-    has not filled yet are zeros, masked out."""
+    dropped when a new one arrives — in a ring per victim: victim k's pairs lie in row k of a
+    (count, 2 size, D) buffer (slot a: s_a in row 2a, y_a in row 2a + 1), its next pair goes to
+    slot pushed[k] % size, its j-th newest is in slot (pushed[k] - 1 - j) % size. The victims
+    are not in step (see `_solve_group`), so each keeps its own position. Beside the vectors,
+    each victim's inner products s_a . y_b and y_a . y_b of its slots (float64), filled in for
+    a new pair by the next `direction` that includes its victim.
 
-    #: Bytes the two-loop recursion may gather at once (y and s of every rank of a block).
+    `direction` is torch's two-loop recursion in its Gram form: the recursion's coefficients
+    of d over g and the pairs follow from inner products alone — its first loop is a unit
+    lower-triangular system, its second a unit upper-triangular one — so one batched product
+    gives the inner products (g's, and a new pair's), two triangular solves (float64) the
+    coefficients, and one batched product d: two reads of the slots in use where the
+    recursion makes four, and a dozen small kernels where it makes ~8 per pair over the
+    victims' (n, D) rows. The same recursion and the same d up to rounding: its inner
+    products are of the same float vectors, its sums are formed in another order, with
+    float64 coefficients (`tests/test_lbfgs.py` measures it against torch's recursion)."""
+
+    #: Bytes of the victims' history gathered at once (a subset's rows, copied); more victims
+    #: are taken in chunks (each victim's d depends on its own rows only).
     GATHER_MEMORY = 256 * 1024**2
 
     def __init__(self, size: int, count: int, dim: int, device) -> None:
         self.size = size
         self.count = count
-        self.dirs = torch.zeros(count, size, dim, device=device)  # y
-        self.stps = torch.zeros(count, size, dim, device=device)  # s
+        self.pairs = torch.zeros(count, 2 * size, dim, device=device)  # s_a, y_a in rows 2a, 2a + 1
         self.ro = torch.zeros(count, size, device=device)
         self.pushed = torch.zeros(count, dtype=torch.long, device=device)  # pairs each victim stored
-        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # `_pairs`'s buffers
+        wide = dict(dtype=torch.float64, device=device)
+        self.sy = torch.zeros(count, size, size, **wide)  # s_a . y_b (slots a, b)
+        self.yy = torch.zeros(count, size, size, **wide)  # y_a . y_b
+        self.fresh = torch.full((count,), -1, dtype=torch.long, device=device)  # a new pair's slot, its products due
+        self._gathered: torch.Tensor | None = None  # the gather's buffer, kept between calls
 
     def push(self, victims: torch.Tensor, y: torch.Tensor, s: torch.Tensor, ro: torch.Tensor) -> None:
         """Store (y, s, ro) (rows in the order of `victims`) as those victims' newest pairs."""
+        due = victims[self.fresh[victims] >= 0]
+        if due.numel():  # a pair whose products no direction has filled in yet (not `begin`'s order)
+            for rows in self._chunks(due):
+                self._products(rows, self._block(rows), None)
         slot = self.pushed[victims] % self.size
-        self.dirs[victims, slot] = y
-        self.stps[victims, slot] = s
+        self.pairs[victims, 2 * slot] = s
+        self.pairs[victims, 2 * slot + 1] = y
         self.ro[victims, slot] = ro
+        self.fresh[victims] = slot
         self.pushed[victims] += 1
 
-    def _pairs(self, victims: torch.Tensor, pushed: torch.Tensor, ranks: range, aligned: bool):
-        """The victims' y, s and ro of `ranks` (rank 0: the newest), indexed by rank in the
-        block: (n, D), (n, D) and (n,) tensors."""
-        if aligned and victims.numel() == self.count:  # every victim's j-th newest in one slot: views
-            slots = [(int(pushed[0]) - 1 - rank) % self.size for rank in ranks]
-            return ([self.dirs[:, slot] for slot in slots], [self.stps[:, slot] for slot in slots],
-                    [self.ro[:, slot] for slot in slots])
-        offsets = torch.arange(ranks.start, ranks.stop, device=victims.device).unsqueeze(1)
-        slots = (pushed.unsqueeze(0) - 1 - offsets) % self.size  # (ranks, n)
-        flat = (victims.unsqueeze(0) * self.size + slots).flatten()  # rows of the (count * size, D) views
-        dim = self.dirs.shape[2]
-        # index_select of whole rows (a copy on every thread; advanced indexing took 2-3x as
-        # long) into buffers kept between calls: a fresh block of 32 MB or more is new memory
-        # from the system every time, whose first touch cost 10x the copy (128 CNN victims x 19
-        # ranks: 21 against 2 ms)
-        if self._gathered is None or self._gathered[0].shape[0] < flat.numel():
-            self._gathered = (self.dirs.new_empty(flat.numel(), dim), self.stps.new_empty(flat.numel(), dim))
-        dirs, stps = (buffer[: flat.numel()] for buffer in self._gathered)
-        torch.index_select(self.dirs.view(-1, dim), 0, flat, out=dirs)
-        torch.index_select(self.stps.view(-1, dim), 0, flat, out=stps)
-        shape = (*slots.shape, dim)
-        return dirs.view(shape), stps.view(shape), self.ro.view(-1).index_select(0, flat).view(slots.shape)
+    def _everyone(self, victims: torch.Tensor) -> bool:
+        return victims.numel() == self.count and bool(
+            (victims == torch.arange(self.count, device=victims.device)).all())
+
+    def _chunks(self, victims: torch.Tensor) -> list[torch.Tensor]:
+        """`victims` in chunks whose rows fit GATHER_MEMORY (all at once where they are every victim)."""
+        if self._everyone(victims):
+            return [victims]
+        per_victim = self.pairs[0].numel() * self.pairs.element_size()
+        step = max(1, self.GATHER_MEMORY // max(1, per_victim))
+        return [victims[start:start + step] for start in range(0, victims.numel(), step)]
+
+    def _block(self, victims: torch.Tensor) -> torch.Tensor:
+        """The victims' slots in use (the first m: every slot once a victim's ring has
+        wrapped) as rows (n, 2m, D): a view where they are every victim, else gathered into a
+        buffer kept between calls (fresh memory of 32 MB or more is new pages from the system
+        every time, whose first touch costs several times the copy)."""
+        used = min(self.size, int(self.pushed.index_select(0, victims).max())) if victims.numel() else 0
+        rows = self.pairs[:, : 2 * used]
+        if self._everyone(victims):
+            return rows
+        shape = (victims.numel(), *rows.shape[1:])
+        if self._gathered is None or self._gathered.numel() < math.prod(shape):
+            self._gathered = self.pairs.new_empty(math.prod(shape))
+        out = self._gathered[: math.prod(shape)].view(shape)
+        torch.index_select(rows, 0, victims, out=out)
+        return out
+
+    def _products(self, victims: torch.Tensor, block: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor | None:
+        """One batched product of the victims' slots in use with g and each one's new pair (if
+        any): fills in the new pairs' inner products; returns g's with every slot in use
+        (n, 2m) in float64 (s_a . g in column 2a, y_a . g in 2a + 1), or None without g."""
+        n, used = victims.numel(), block.shape[1] // 2
+        slot = self.fresh.index_select(0, victims)
+        due = slot >= 0
+        at = slot.clamp(min=0)
+        # each victim's new s and y (any, where it has none): rows of the (n 2m, D) block
+        flat = block.reshape(n * 2 * used, -1).index_select(0, torch.arange(n, device=block.device) * 2 * used + 2 * at)
+        columns = [flat, block.reshape(n * 2 * used, -1).index_select(
+            0, torch.arange(n, device=block.device) * 2 * used + 2 * at + 1)]
+        if g is not None:
+            columns.insert(0, g)
+        products = torch.bmm(block, torch.stack(columns, dim=1).transpose(1, 2)).double()  # (n, 2m, 1 + 2)
+        if bool(due.any()):
+            which, where = victims[due], at[due]
+            new_s, new_y = products[due, :, -2], products[due, :, -1]  # . s_new, . y_new
+            self.sy[which, where, :used] = new_s[:, 1::2]  # s_new . y_b
+            self.sy[which, :used, where] = new_y[:, 0::2]  # s_a . y_new
+            self.yy[which, where, :used] = new_y[:, 1::2]  # y_new . y_b
+            self.yy[which, :used, where] = new_y[:, 1::2]
+            self.fresh[which] = -1
+        return products[:, :, 0] if g is not None else None
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
-        """torch's two-loop recursion, d = -H g, for the victims `victims` (sorted, distinct;
-        g and h_diag: their rows)."""
-        q = g.neg()
-        pushed = self.pushed[victims]
-        lengths = pushed.clamp(max=self.size)
-        longest = int(lengths.max()) if victims.numel() else 0
-        aligned = bool((pushed == pushed[0]).all()) if victims.numel() else True
-        per_rank = 2 * victims.numel() * g.shape[1] * g.element_size()
-        block = max(1, min(longest, self.GATHER_MEMORY // max(1, per_rank)))
-        blocks = [range(start, min(start + block, longest)) for start in range(0, longest, block)]
-        kept = None  # the last block gathered, for the second loop to start from
+        """torch's two-loop recursion, d = -H g, for the victims `victims` (distinct; g and
+        h_diag: their rows)."""
+        chunks = self._chunks(victims)
+        if len(chunks) == 1:
+            return self._direction(g, h_diag, victims)
+        out, start = torch.empty_like(g), 0
+        for rows in chunks:
+            stop = start + rows.numel()
+            out[start:stop] = self._direction(g[start:stop], h_diag[start:stop], rows)
+            start = stop
+        return out
 
-        everyone = int(lengths.min()) if victims.numel() else 0  # ranks every victim has: no mask
-        al = []
-        for ranks in blocks:  # newest to oldest
-            kept = (ranks, *self._pairs(victims, pushed, ranks, aligned))
-            _, ys, ss, ros = kept
-            for j, rank in enumerate(ranks):
-                a = _dot(ss[j], q) * ros[j]
-                if rank >= everyone:
-                    a = torch.where(rank < lengths, a, 0.0)
-                q.addcmul_(ys[j], a.unsqueeze(1), value=-1)
-                al.append(a)
-        r = q.mul_(h_diag.unsqueeze(1))
-        for ranks in reversed(blocks):  # oldest to newest
-            _, ys, ss, ros = kept if kept is not None and kept[0] == ranks else (ranks, *self._pairs(
-                victims, pushed, ranks, aligned))
-            for j in range(len(ranks) - 1, -1, -1):
-                rank = ranks[j]
-                step = al[rank] - _dot(ys[j], r) * ros[j]
-                if rank >= everyone:
-                    step = torch.where(rank < lengths, step, 0.0)
-                r.addcmul_(ss[j], step.unsqueeze(1))
-        return r
+    def _direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
+        n = victims.numel()
+        pushed = self.pushed.index_select(0, victims)
+        lengths = pushed.clamp(max=self.size)
+        longest = int(lengths.max()) if n else 0
+        if longest == 0:  # no pairs: d = -H_diag g
+            return g.neg().mul_(h_diag.unsqueeze(1))
+        block = self._block(victims)
+        used = block.shape[1] // 2
+        with_g = self._products(victims, block, g)  # (n, 2m): s_a . g, y_a . g
+        h = h_diag.double()
+        # rank j (0: the newest) of each victim: its slot; ranks it lacks are masked out (and
+        # pointed at slot 0)
+        ranks = torch.arange(longest, device=g.device)
+        valid = ranks < lengths.unsqueeze(1)  # (n, R)
+        slots = torch.where(valid, (pushed.unsqueeze(1) - 1 - ranks) % self.size, 0)
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        ro = torch.where(valid, self.ro.index_select(0, victims).gather(1, slots).double(), 0.0)
+        gs = torch.where(valid, with_g[:, 0::2].gather(1, slots), 0.0)  # s_j . g
+        gy = torch.where(valid, with_g[:, 1::2].gather(1, slots), 0.0)  # y_j . g
+        index, picked = slots.unsqueeze(2).expand(-1, -1, self.size), slots.unsqueeze(1).expand(-1, longest, -1)
+        sy = torch.where(both, self.sy.index_select(0, victims).gather(1, index).gather(2, picked), 0.0)  # s_i . y_j
+        yy = torch.where(both, self.yy.index_select(0, victims).gather(1, index).gather(2, picked), 0.0)
+        eye = torch.eye(longest, dtype=torch.float64, device=g.device)
+        # first loop, newest to oldest: al_i = ro_i s_i . (-g - sum_{j newer} al_j y_j)
+        al = torch.linalg.solve_triangular(eye + (ro.unsqueeze(2) * sy).tril(-1), (-ro * gs).unsqueeze(2),
+                                           upper=False, unitriangular=True).squeeze(2)
+        # q = -g - sum_j al_j y_j, r = H q; second loop, oldest to newest, with c_i = al_i - be_i:
+        # be_i = ro_i y_i . (H q + sum_{j older} c_j s_j)
+        yq = -gy - torch.bmm(yy, al.unsqueeze(2)).squeeze(2)  # y_i . q
+        c = torch.linalg.solve_triangular(eye + (ro.unsqueeze(2) * sy.transpose(1, 2)).triu(1),
+                                          (al - ro * h.unsqueeze(1) * yq).unsqueeze(2), upper=True,
+                                          unitriangular=True).squeeze(2)
+        # d = H q + sum_j c_j s_j = -H g - H sum_j al_j y_j + sum_j c_j s_j, by slot (a masked
+        # rank adds 0 to slot 0)
+        on_s = torch.zeros(n, used, dtype=torch.float64, device=g.device).scatter_add_(
+            1, slots, torch.where(valid, c, 0.0))
+        on_y = torch.zeros_like(on_s).scatter_add_(1, slots, torch.where(valid, -h.unsqueeze(1) * al, 0.0))
+        coefficients = torch.stack([on_s, on_y], dim=2).view(n, 1, 2 * used).to(g.dtype)
+        start = (g * (-h_diag).unsqueeze(1)).unsqueeze(1)
+        return torch.baddbmm(start, coefficients, block).squeeze(1)
 
 
 def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_iterations: int,
@@ -683,7 +751,7 @@ def _lbfgs_batched(target: Target, config: LBFGSConfig, seeds: list[int], max_it
     # the pairs, the solver's (n, D) tensors, and the line search's gradient rows: up to one
     # per round kept alive (a row is a view of its round's batched gradients)
     searched = config.line_search_evals + 2 if config.line_search else 0
-    per_victim = (2 * size + 16 + searched) * dim * 4
+    per_victim = (2 * size + 16 + searched) * dim * 4 + 2 * size * size * 8  # (+ the pairs' inner products)
     group_size = max(1, min(num_victims, HISTORY_MEMORY // per_victim))
     groups = [list(range(start, min(start + group_size, num_victims))) for start in range(0, num_victims, group_size)]
     stochastic = _stochastic(target.net)
