@@ -562,7 +562,8 @@ class FactoredMatching:
                     bias_bar = 2 * (term["gb"] - sb)
                 else:
                     bias_bar = torch.addcmul(sb * alpha.unsqueeze(1), term["gb"], beta.unsqueeze(1))
-                gbar = bias_bar.unsqueeze(2).expand_as(g) if gbar is None else gbar + bias_bar.unsqueeze(2)
+                # (in place: every gbar above is a fresh tensor)
+                gbar = bias_bar.unsqueeze(2).expand_as(g) if gbar is None else gbar.add_(bias_bar.unsqueeze(2))
             if gbar is not None:
                 gbars[i] = _by_image(gbar, per_victim).reshape(deltas[i].shape)
             if ubar is not None:
