@@ -281,10 +281,18 @@ def test_factored_step_of_a_subset_of_victims_matches_the_full_step(small_target
     net, gradients, labels = small_target
     target = Target(net, gradients, (3, 32, 32), 10, labels=labels)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    _, (grads, losses, _), (fast, shared) = _steps(target, MatchingConfig(), images)
-    part_grads, part_losses, _ = fast.step(images, labels, shared, torch.tensor([0, 2]))
-    torch.testing.assert_close(part_grads, grads[[0, 2]])
-    torch.testing.assert_close(part_losses, losses[[0, 2]])
+    for distance in ("cosine", "euclidean"):
+        _, (grads, losses, _), (fast, shared) = _steps(target, MatchingConfig(distance=distance), images)
+        other = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+        other_grads, other_losses, _ = fast.step(other, labels, shared)
+        # a subset, the same subset again (its shared gradients gathered once) at other points, another subset
+        for index, points, expected in ((torch.tensor([0, 2]), images, (grads, losses)),
+                                        (torch.tensor([0, 2]), other, (other_grads, other_losses)),
+                                        (torch.tensor([1, 2]), images, (grads, losses)),
+                                        (torch.tensor([1]), other, (other_grads, other_losses))):
+            part_grads, part_losses, _ = fast.step(points, labels, shared, index)
+            torch.testing.assert_close(part_grads, expected[0][index])
+            torch.testing.assert_close(part_losses, expected[1][index])
 
 
 def test_factored_engine_matches_vmap_and_the_per_victim_loop(small_target):
