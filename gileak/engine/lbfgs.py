@@ -245,11 +245,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def _moved(x: torch.Tensor, d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _moved(x: torch.Tensor, d: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x + t d per row (t: (n,), of x's dtype), rounded as torch.optim.LBFGS's
     `p.add_(d, alpha=t)`: once — a fused multiply-add on CPUs with FMA (as addcmul's kernel),
     where `x + t * d` rounds twice and differed from it in ~20% of a CNN image's pixels."""
-    return torch.addcmul(x, d, t.unsqueeze(1))
+    return torch.addcmul(x, d, t.unsqueeze(1), out=out)
 
 
 class _Scalar:
@@ -938,7 +938,9 @@ class _GroupSolver:
         step_loss = loss[rows]
         improved = torch.isfinite(step_loss) & (step_loss < best[rows])
         best[rows] = torch.where(improved, step_loss, best[rows])
-        self.best_x[rows] = torch.where(improved.unsqueeze(1), self.x[rows, :pixels], self.best_x[rows])
+        better = rows[improved]
+        if better.numel():
+            self.best_x.index_copy_(0, better, self.x.index_select(0, better)[:, :pixels])
         stop = (~torch.isfinite(step_loss) | ~torch.isfinite(x_new[:, :pixels]).all(1)
                 | (step_loss < self.config.min_loss))
         if self.stochastic:  # evaluated afresh at x every step, as torch does
@@ -1071,7 +1073,10 @@ class _GroupSolver:
         x, d, points, device = self.x, self.d, self.points, self.device
         index = torch.tensor(pending, dtype=torch.long, device=device)
         searching = [k for k in pending if k in self.trials]
-        if searching:
+        if len(searching) == self.count:  # every victim at its trial point: no gathers
+            steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
+            _moved(x, d, steps, out=points)
+        elif searching:
             rows = torch.tensor(searching, dtype=torch.long, device=device)
             steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
             # end_searches forms the final x by this same expression
