@@ -12,7 +12,9 @@ Usage: python benchmarks/attack_throughput.py [--models cnn] [--victims 1,8,32,1
        [--repeats 3] [--attacks ig,idlg] [--device auto] [--json rows.json] [--clock wall|cpu]
 
 `--attacks idlg` adds the L-BFGS family (dlg, idlg and cpl share its solver): victim-iterations/s
-of the batched L-BFGS and of the per-victim torch.optim.LBFGS loop (timed over the same
+of the batched L-BFGS (timed --repeats times before the loop and --repeats times after it, the
+median of all: the loop takes minutes, over which a shared machine's speed drifts by 10-20%,
+and so the two sample the same stretch of time) and of the per-victim torch.optim.LBFGS loop (timed over the same
 iterations on 16 of the N victims spread evenly, with their own seeds — `--loop-victims 0` times
 it on all N, `--loop-repeats 1` once: each victim's searches take their own number of
 evaluations, 23 to 181 in 20 iterations of the CNN, so a few victims are a sample: 4 of 128 gave
@@ -118,9 +120,9 @@ def _positive(text: str) -> int:
 
 
 def measure_lbfgs(target: Target, labels: torch.Tensor, iterations: int, repeats: int,
-                  vectorized: bool, seeds: list[int] | None = None) -> tuple[float, float]:
-    """(victim-iterations/s, victim-evaluations/s) of iDLG's L-BFGS (median of `repeats`);
-    no victim stops early (min_loss 0). `seeds`: the victims' (default 0, 1, ...)."""
+                  vectorized: bool, seeds: list[int] | None = None) -> list[tuple[float, float]]:
+    """(victim-iterations/s, victim-evaluations/s) of each of `repeats` timed runs of iDLG's
+    L-BFGS; no victim stops early (min_loss 0). `seeds`: the victims' (default 0, 1, ...)."""
     from gileak.engine import lbfgs
 
     config = lbfgs.LBFGSConfig(min_loss=0.0, vectorized=vectorized)
@@ -136,8 +138,12 @@ def measure_lbfgs(target: Target, labels: torch.Tensor, iterations: int, repeats
         seconds = _clock() - started
         evaluations = lbfgs.last_run.get("evaluations", 0) if vectorized else counter.close()
         rates.append((target.num_victims * iterations / seconds, evaluations / seconds))
-    rates.sort()
-    return rates[len(rates) // 2]
+    return rates
+
+
+def _median(rates: list[tuple[float, float]]) -> tuple[float, float]:
+    """The run of median victim-iterations/s (its evaluations/s with it)."""
+    return sorted(rates)[len(rates) // 2]
 
 
 class _EvaluationCounter:
@@ -248,7 +254,7 @@ def main() -> None:
                 else:
                     from gileak.engine import lbfgs
 
-                    batched, evaluations = measure_lbfgs(target, labels, args.iterations, args.repeats, True)
+                    runs = measure_lbfgs(target, labels, args.iterations, args.repeats, True)
                     name = lbfgs.last_run.get("engine", "?")
                     # The loop solves victims one after another: it is timed on a few victims
                     # (the same ones, with their seeds), spread evenly over the N — their searches
@@ -259,8 +265,13 @@ def main() -> None:
                     picked = torch.linspace(0, count - 1, few).round().long().unique()
                     subset = Target(net, {k: v[picked] for k, v in target.shared_gradient.items()}, INPUT, 10,
                                     labels=labels[picked])
-                    looped, _ = measure_lbfgs(subset, labels[picked], args.iterations,
-                                              args.loop_repeats or args.repeats, False, seeds=picked.tolist())
+                    looped, _ = _median(measure_lbfgs(subset, labels[picked], args.iterations,
+                                                      args.loop_repeats or args.repeats, False, seeds=picked.tolist()))
+                    # and the batched solver again after the loop: both then sample the machine
+                    # over the same stretch of time (a shared machine's speed drifts by 10-20%
+                    # over the loop's minutes); the median of the runs before and after
+                    runs += measure_lbfgs(target, labels, args.iterations, args.repeats, True)
+                    batched, evaluations = _median(runs)
                     useful = step_flops(target, labels, distance="euclidean", tv_weight=0.0) * evaluations
                     middle = f"{evaluations / batched:>10.2f}"
                 share_tf32 = useful / peak_tf32 if peak_tf32 else None
