@@ -601,8 +601,8 @@ class _History:
     lower-triangular system, its second a unit upper-triangular one — so one batched product
     gives the inner products (g's, and a new pair's), two triangular solves (float64) the
     coefficients, and one batched product d: two reads of the slots in use where the
-    recursion makes four, and a dozen small kernels where it makes ~8 per pair over the
-    victims' (n, D) rows. The same recursion and the same d up to rounding: its inner
+    recursion makes four, and a few dozen small kernels per call where it makes ~8 per pair
+    over the victims' (n, D) rows. The same recursion and the same d up to rounding: its inner
     products are of the same float vectors, its sums are formed in another order, with
     float64 coefficients (`tests/test_lbfgs.py` measures it against torch's recursion)."""
 
