@@ -1289,7 +1289,7 @@ def _fold(cols: torch.Tensor, shape: torch.Size, args: dict) -> torch.Tensor:
     a third to a quarter of its time or of strided adds per kernel offset (the CNN at 100
     victims, 2 threads: its image 0.7 against 1.8 ms, its second layer's input 0.5 against
     1.8). On a GPU the library's (index_add_ there adds atomically, in no fixed order)."""
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = args["kernel_size"], args["dilation"], args["padding"], args["stride"]
+    (kh, kw), (dh, dw), (ph, pw) = args["kernel_size"], args["dilation"], args["padding"]
     n, channels, height, width = shape
     if ph == 0 and pw == 0 and cols.shape[2] == 1 and height == dh * (kh - 1) + 1 and width == dw * (kw - 1) + 1:
         if dh == 1 and dw == 1:  # the kernel covers the input once

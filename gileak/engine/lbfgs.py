@@ -626,8 +626,9 @@ class _History:
         """Store (y, s, ro) (rows in the order of `victims`) as those victims' newest pairs."""
         due = victims[self.fresh[victims] >= 0]
         if due.numel():  # a pair whose products no direction has filled in yet (not `begin`'s order)
-            for rows in self._chunks(due):
-                self._products(rows, self._block(rows), None)
+            chunks, everyone = self._chunks(due)
+            for rows in chunks:
+                self._products(rows, self._block(rows, everyone), None)
         slot = self.pushed[victims] % self.size
         self.pairs[victims, 2 * slot] = s
         self.pairs[victims, 2 * slot + 1] = y
@@ -639,22 +640,25 @@ class _History:
         return victims.numel() == self.count and bool(
             (victims == torch.arange(self.count, device=victims.device)).all())
 
-    def _chunks(self, victims: torch.Tensor) -> list[torch.Tensor]:
-        """`victims` in chunks whose rows fit GATHER_MEMORY (all at once where they are every victim)."""
+    def _chunks(self, victims: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+        """`victims` in chunks whose rows fit GATHER_MEMORY, and whether they are every victim
+        in order (then all at once, their rows a view)."""
         if self._everyone(victims):
-            return [victims]
+            return [victims], True
         per_victim = self.pairs[0].numel() * self.pairs.element_size()
         step = max(1, self.GATHER_MEMORY // max(1, per_victim))
-        return [victims[start:start + step] for start in range(0, victims.numel(), step)]
+        return [victims[start:start + step] for start in range(0, victims.numel(), step)], False
 
-    def _block(self, victims: torch.Tensor) -> torch.Tensor:
-        """The victims' slots in use (the first m: every slot once a victim's ring has
-        wrapped) as rows (n, 2m, D): a view where they are every victim, else gathered into a
-        buffer kept between calls (fresh memory of 32 MB or more is new pages from the system
-        every time, whose first touch costs several times the copy)."""
-        used = min(self.size, int(self.pushed.index_select(0, victims).max())) if victims.numel() else 0
+    def _block(self, victims: torch.Tensor, everyone: bool, used: int | None = None) -> torch.Tensor:
+        """The victims' slots in use (the first `used`, default the most any of them has
+        filled: every slot once a victim's ring has wrapped) as rows (n, 2m, D): a view where
+        they are every victim, else gathered into a buffer kept between calls (fresh memory of
+        32 MB or more is new pages from the system every time, whose first touch costs several
+        times the copy)."""
+        if used is None:
+            used = min(self.size, int(self.pushed.index_select(0, victims).max())) if victims.numel() else 0
         rows = self.pairs[:, : 2 * used]
-        if self._everyone(victims):
+        if everyone:
             return rows
         shape = (victims.numel(), *rows.shape[1:])
         if self._gathered is None or self._gathered.numel() < math.prod(shape):
@@ -667,14 +671,15 @@ class _History:
         """One batched product of the victims' slots in use with g and each one's new pair (if
         any): fills in the new pairs' inner products; returns g's with every slot in use
         (n, 2m) in float64 (s_a . g in column 2a, y_a . g in 2a + 1), or None without g."""
-        n, used = victims.numel(), block.shape[1] // 2
+        used = block.shape[1] // 2
         slot = self.fresh.index_select(0, victims)
         due = slot >= 0
         at = slot.clamp(min=0)
-        # each victim's new s and y (any, where it has none): rows of the (n 2m, D) block
-        flat = block.reshape(n * 2 * used, -1).index_select(0, torch.arange(n, device=block.device) * 2 * used + 2 * at)
-        columns = [flat, block.reshape(n * 2 * used, -1).index_select(
-            0, torch.arange(n, device=block.device) * 2 * used + 2 * at + 1)]
+        # each victim's new s and y (any, where it has none), from the ring itself (a block
+        # that is a view of a part of it would be copied whole by a reshape)
+        rows = self.pairs.view(-1, self.pairs.shape[2])
+        first = victims * (2 * self.size) + 2 * at
+        columns = [rows.index_select(0, first), rows.index_select(0, first + 1)]
         if g is not None:
             columns.insert(0, g)
         products = torch.bmm(block, torch.stack(columns, dim=1).transpose(1, 2)).double()  # (n, 2m, 1 + 2)
@@ -691,25 +696,26 @@ class _History:
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         """torch's two-loop recursion, d = -H g, for the victims `victims` (distinct; g and
         h_diag: their rows)."""
-        chunks = self._chunks(victims)
+        chunks, everyone = self._chunks(victims)
         if len(chunks) == 1:
-            return self._direction(g, h_diag, victims)
+            return self._direction(g, h_diag, victims, everyone)
         out, start = torch.empty_like(g), 0
         for rows in chunks:
             stop = start + rows.numel()
-            out[start:stop] = self._direction(g[start:stop], h_diag[start:stop], rows)
+            out[start:stop] = self._direction(g[start:stop], h_diag[start:stop], rows, everyone)
             start = stop
         return out
 
-    def _direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
+    def _direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor,
+                   everyone: bool) -> torch.Tensor:
         n = victims.numel()
         pushed = self.pushed.index_select(0, victims)
         lengths = pushed.clamp(max=self.size)
         longest = int(lengths.max()) if n else 0
         if longest == 0:  # no pairs: d = -H_diag g
             return g.neg().mul_(h_diag.unsqueeze(1))
-        block = self._block(victims)
-        used = block.shape[1] // 2
+        used = longest  # = min(size, the most pairs any of them pushed): the slots in use
+        block = self._block(victims, everyone, used)
         with_g = self._products(victims, block, g)  # (n, 2m): s_a . g, y_a . g
         h = h_diag.double()
         # rank j (0: the newest) of each victim: its slot; ranks it lacks are masked out (and
@@ -1073,12 +1079,11 @@ class _GroupSolver:
         x, d, points, device = self.x, self.d, self.points, self.device
         index = torch.tensor(pending, dtype=torch.long, device=device)
         searching = [k for k in pending if k in self.trials]
+        steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
         if len(searching) == self.count:  # every victim at its trial point: no gathers
-            steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
             _moved(x, d, steps, out=points)
         elif searching:
             rows = torch.tensor(searching, dtype=torch.long, device=device)
-            steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
             # end_searches forms the final x by this same expression
             points.index_copy_(0, rows, _moved(x.index_select(0, rows), d.index_select(0, rows), steps))
         if self.at_x:
