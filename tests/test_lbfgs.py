@@ -127,14 +127,14 @@ def test_config_defaults_to_the_batched_solver_and_torchs_line_search_budget():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_the_search_generator_takes_torchs_strong_wolfe_steps_bit_for_bit(dtype):
-    """The batched solver's `_strong_wolfe` (a generator on `_Scalar`s, which stand for 0-d
+    """The batched solver's `_strong_wolfe` (a generator on NumPy scalars, which stand for 0-d
     tensors) against torch's own on 0-d tensors, on random 1-D slices of a bumpy function
     (some with a lying gradient, some linear, some with a tiny or huge direction): the same
     trial steps, bit for bit, the same end point and evaluation count, through every branch —
     bracketing, zoom, the max_ls exit and the tolerance_change exit."""
     import torch.optim.lbfgs as torch_lbfgs
 
-    scalar = lbfgs._Scalar.of(dtype)
+    scalar = lbfgs._SEARCH_SCALAR[dtype]
     seen = dict(zoom=0, max_ls=0, tiny_bracket=0, short=0)
     for seed in range(150):
         generator = torch.Generator().manual_seed(seed)
@@ -191,60 +191,108 @@ def test_the_search_generator_takes_torchs_strong_wolfe_steps_bit_for_bit(dtype)
     assert all(count > 0 for count in seen.values()), seen
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_scalar_arithmetic_is_torchs_0d_tensor_arithmetic_on_hostile_values(dtype):
-    """Each `_Scalar` operation against the same Python operator on torch 0-d tensors, bit for
-    bit (nan for nan), on values that break naive float code: signed zeros, infinities, nan,
-    the dtype's largest and subnormal values, products and sums that overflow it, division by
-    zero, Python numbers beyond its range, ints."""
-    import itertools
-
-    scalar = lbfgs._Scalar.of(dtype)
+def _hostile_values(dtype):
+    """Values that break naive float code: signed zeros, infinities, nan, the dtype's largest
+    and subnormal values, ones whose products and sums overflow it; and random magnitudes."""
     info = torch.finfo(dtype)
     values = [0.0, -0.0, 1.0, -2.5, 1 / 3, math.pi * 1e-3, 1e30, -7e37, info.max, -info.max, info.tiny,
               info.tiny / 8, math.inf, -math.inf, math.nan, 1e-7, 3.0]
-    numbers = [0, 2, 3, 0.1, 1e-4, 0.9, -1e39, 1e300, math.inf, math.nan, -0.0]
     generator = torch.Generator().manual_seed(0)
-    values += (torch.randn(12, generator=generator, dtype=torch.float64) * 10 ** torch.randint(
+    return values + (torch.randn(12, generator=generator, dtype=torch.float64) * 10 ** torch.randint(
         -20, 20, (12,), generator=generator)).tolist()
 
-    def same(ours, theirs, what):
-        theirs = float(theirs) if isinstance(theirs, torch.Tensor) else theirs
-        ours = float(ours) if isinstance(ours, lbfgs._Scalar) else ours
-        assert (ours == theirs and math.copysign(1, ours) == math.copysign(1, theirs)) or (
-            ours != ours and theirs != theirs), f"{what}: {ours!r} against torch's {theirs!r}"
+
+def _same(ours, theirs, what):
+    """Bit for bit (sign of zero included, nan for nan), a NumPy scalar or Python value against
+    a torch 0-d tensor or Python value."""
+    theirs = float(theirs) if isinstance(theirs, torch.Tensor) else theirs
+    ours = float(ours) if isinstance(ours, np.floating) else ours
+    assert (ours == theirs and math.copysign(1, ours) == math.copysign(1, theirs)) or (
+        ours != ours and theirs != theirs), f"{what}: {ours!r} against torch's {theirs!r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_numpy_scalar_arithmetic_is_torchs_0d_tensor_arithmetic_on_hostile_values(dtype):
+    """The search's arithmetic on NumPy scalars (which stand for its 0-d tensors) against the
+    same Python operators on torch 0-d tensors, bit for bit: with each other and with Python
+    numbers (beyond the dtype's range, ints) on either side, division by zero, abs, negation;
+    `number / scalar` as `_divide` forms it (plain NumPy division rounds once where torch
+    multiplies by the reciprocal), `** 2` as a product and sqrt as `_torch_sqrt` (the forms
+    `_cubic_interpolate` writes)."""
+    import itertools
+
+    assert lbfgs.WEAK_PYTHON_SCALARS, f"NumPy {np.__version__} does not combine scalars with numbers as torch does"
+    scalar = lbfgs._SEARCH_SCALAR[dtype]
+    values = _hostile_values(dtype)
+    numbers = [0, 2, 3, 0.1, 1e-4, 0.9, -1e39, 1e300, math.inf, math.nan, -0.0]
 
     def tensor(value):
         return torch.tensor(value, dtype=dtype)
 
-    operators = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
-                 "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
-                 ">=": lambda a, b: a >= b}
+    operators = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+                 "/": lbfgs._divide, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+                 ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
     with np.errstate(all="ignore"):  # as the solver runs the searches
         for a, b in itertools.product(values, repeat=2):
             for name, op in operators.items():
-                same(op(scalar(a), scalar(b)), op(tensor(a), tensor(b)), f"{a!r} {name} {b!r}")
+                _same(op(scalar(a), scalar(b)), op(tensor(a), tensor(b)), f"{a!r} {name} {b!r}")
         for a, number in itertools.product(values, numbers):
             for name, op in operators.items():
-                same(op(scalar(a), number), op(tensor(a), number), f"{a!r} {name} {number!r}")
+                _same(op(scalar(a), number), op(tensor(a), number), f"{a!r} {name} {number!r}")
                 if name in "+-*/":
-                    same(op(number, scalar(a)), op(number, tensor(a)), f"{number!r} {name} {a!r}")
+                    _same(op(number, scalar(a)), op(number, tensor(a)), f"{number!r} {name} {a!r}")
         for a in values:
-            same(scalar(a) ** 2, tensor(a) ** 2, f"{a!r} ** 2")
-            same(abs(scalar(a)), abs(tensor(a)), f"abs({a!r})")
-            same(-scalar(a), -tensor(a), f"-{a!r}")
-            same(scalar(a).sqrt(), tensor(a).sqrt(), f"sqrt({a!r})")
+            _same(scalar(a) * scalar(a), tensor(a) ** 2, f"{a!r} ** 2")
+            _same(abs(scalar(a)), abs(tensor(a)), f"abs({a!r})")
+            _same(-scalar(a), -tensor(a), f"-{a!r}")
+            _same(lbfgs._torch_sqrt(scalar(a)), tensor(a).sqrt(), f"sqrt({a!r})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_scalar_sqrt_is_torchs_on_many_values(dtype):
+def test_cubic_interpolation_is_torchs_bit_for_bit_on_hostile_values(dtype):
+    """Our `_cubic_interpolate` (on NumPy scalars) against torch's own (on 0-d tensors), each
+    argument position a Python float, an int or a scalar as `_strong_wolfe` passes them (f
+    always a Python float, g always a scalar), with and without bounds, on hostile values:
+    the same value bit for bit, and of a scalar type exactly where torch's is a tensor."""
+    import itertools
+
+    import torch.optim.lbfgs as torch_lbfgs
+
+    scalar = lbfgs._SEARCH_SCALAR[dtype]
+    values = _hostile_values(dtype)[::2] + [0.5, -1.25, 2.0]
+    generator = torch.Generator().manual_seed(3)
+    cases = 0
+    with np.errstate(all="ignore"):
+        for x1, x2, g1, g2 in itertools.product(values[:9], values[:9], values[::3], values[1::3]):
+            f1, f2 = (torch.randn(2, generator=generator, dtype=torch.float64) * 3).tolist()
+            for as_scalar in itertools.product((False, True), repeat=2):  # each x a number or a 0-d tensor
+                ours_x = [scalar(x) if s else x for x, s in zip((x1, x2), as_scalar)]
+                theirs_x = [torch.tensor(x, dtype=dtype) if s else x for x, s in zip((x1, x2), as_scalar)]
+                for bounds in (None, (0.25, 4.0)):
+                    try:
+                        theirs = torch_lbfgs._cubic_interpolate(theirs_x[0], f1, torch.tensor(g1, dtype=dtype),
+                                                                theirs_x[1], f2, torch.tensor(g2, dtype=dtype), bounds)
+                    except ZeroDivisionError:  # x1 == x2, both Python floats: ours must raise too
+                        with pytest.raises(ZeroDivisionError):
+                            lbfgs._cubic_interpolate(ours_x[0], f1, scalar(g1), ours_x[1], f2, scalar(g2), bounds)
+                        continue
+                    ours = lbfgs._cubic_interpolate(ours_x[0], f1, scalar(g1), ours_x[1], f2, scalar(g2), bounds)
+                    what = f"x {ours_x} g {(g1, g2)} f {(f1, f2)} bounds {bounds}"
+                    _same(ours, theirs, what)
+                    assert isinstance(ours, np.floating) == isinstance(theirs, torch.Tensor), what
+                    cases += 1
+    assert cases > 5000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_the_search_sqrt_is_torchs_on_many_values(dtype):
     """torch's CPU sqrt is not always correctly rounded (on this machine 0.6% of float32 values
-    differ from IEEE's in their last bit): `_Scalar.sqrt` must be torch's own, bit for bit."""
-    scalar = lbfgs._Scalar.of(dtype)
+    differ from IEEE's in their last bit): `_torch_sqrt` must be torch's own, bit for bit."""
+    scalar = lbfgs._SEARCH_SCALAR[dtype]
     generator = torch.Generator().manual_seed(1)
     values = (torch.rand(5000, generator=generator, dtype=torch.float64)
               * 10.0 ** torch.randint(-30, 30, (5000,), generator=generator)).to(dtype).tolist()
-    ours = [float(scalar(v).sqrt()) for v in values]
+    ours = [float(lbfgs._torch_sqrt(scalar(v))) for v in values]
     theirs = [torch.tensor(v, dtype=dtype).sqrt().item() for v in values]
     assert ours == theirs
 

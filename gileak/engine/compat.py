@@ -5,21 +5,15 @@ machines run) and 2.14 (checked by tests/test_compat.py and benchmarks/gpu_check
 from __future__ import annotations
 
 import torch
-import torch.optim.lbfgs as _torch_lbfgs
 from torch import nn
 
 #: name -> what uses it, and what happens without it.
 PRIVATE = {
     "torch._fused_adam_": "per-victim Adam in one kernel call (schedule.py); without: the unfused update",
-    "torch.optim.lbfgs._cubic_interpolate": "the batched L-BFGS's line search (lbfgs.py); without: the "
-                                            "per-victim torch.optim.LBFGS loop",
     "torch.ops.aten.threshold_backward": "ReLU's backward in the chain step (fast.py); without: torch.where",
     "torch.nn.modules.dropout._DropoutNd": "finding dropout in training mode (lbfgs.py); without: the public "
                                            "dropout classes",
 }
-
-#: torch's cubic interpolation of the strong-Wolfe line search (None where this torch has none).
-cubic_interpolate = getattr(_torch_lbfgs, "_cubic_interpolate", None)
 
 try:
     from torch.nn.modules.dropout import _DropoutNd
@@ -43,7 +37,6 @@ def missing() -> list[str]:
     """The private entry points this PyTorch lacks (each then runs on its fallback)."""
     present = {
         "torch._fused_adam_": hasattr(torch, "_fused_adam_"),
-        "torch.optim.lbfgs._cubic_interpolate": cubic_interpolate is not None,
         "torch.ops.aten.threshold_backward": _threshold_backward is not None,
         "torch.nn.modules.dropout._DropoutNd": hasattr(torch.nn.modules.dropout, "_DropoutNd"),
     }

@@ -37,7 +37,7 @@ within a few iterations): the attacks were under-powered. We pass max_eval = 1 +
 reproduces the old behaviour.
 
 The batched search runs each victim's `_strong_wolfe` — ported statement for statement, on
-torch's types (its 0-d tensors as `_Scalar`s, which round as they do, on the CPU) — as a generator: it yields its trial t, an engine call evaluates the trial
+torch's types (its 0-d tensors as NumPy scalars of their dtype, which round as they do on the CPU: `_cubic_interpolate`) — as a generator: it yields its trial t, an engine call evaluates the trial
 point x + t d, and the generator takes its (f, g, g.d) and yields its next t or returns (f, g,
 t, evaluations). The victims are not kept in step (`_solve_group`): a victim whose search
 ends starts its next step at once, so each round's ONE engine call carries every victim still
@@ -77,7 +77,6 @@ from torch.func import functional_call, grad_and_value, vmap
 from gileak.base import Reconstruction
 from gileak.engine import choice
 from gileak.engine.compat import DROPOUT
-from gileak.engine.compat import cubic_interpolate as _cubic_interpolate
 from gileak.engine.matching import (MatchingConfig, as_images, factored_engine, image_rows, initial_images,
                                     make_victim_loss, minmax_scale, victim_labels, victim_shape, vmap_chunk)
 from gileak.nets import batch_statistics_only, is_stochastic
@@ -144,7 +143,7 @@ def lbfgs_matching(
         raise ValueError("labels are needed unless they are optimised")
     if config.line_search_evals < 0:
         raise ValueError("line_search_evals must be at least 0")
-    if config.vectorized and _cubic_interpolate is None:  # a torch without it (gileak.engine.compat)
+    if config.vectorized and not WEAK_PYTHON_SCALARS:  # a NumPy 1: the search would not round as torch's
         config = dataclasses.replace(config, vectorized=False)
     if not config.vectorized:
         choice.record("loop")
@@ -252,154 +251,84 @@ def _moved(x: torch.Tensor, d: torch.Tensor, t: torch.Tensor, out: torch.Tensor 
     return torch.addcmul(x, d, t.unsqueeze(1), out=out)
 
 
-class _Scalar:
-    """A 0-d CPU tensor of one floating dtype as far as torch's `_strong_wolfe` and
-    `_cubic_interpolate` use one (arithmetic with Python numbers and with each other,
-    comparisons, abs, ** 2, sqrt, float), without the tensor: a torch operation on a 0-d tensor
-    costs microseconds, a search makes dozens per trial point, and on a GPU every `if` on a 0-d
-    tensor waits for the device. The value is a NumPy scalar of the dtype and every operation
-    rounds as torch's CPU kernels do: a Python number operand is cast to the dtype first (a
-    wrapped number does not promote a tensor), `number / tensor` is `tensor.reciprocal() *
-    number` (torch's `Tensor.__rdiv__`), `tensor ** 2` is `tensor * tensor` (torch's pow kernel
-    for exponent 2), and sqrt is torch's own (MKL's, not always correctly rounded: 0.5% of
-    values differ from IEEE's in their last bit). `tests/test_lbfgs.py` runs torch's own `_strong_wolfe` on 0-d tensors
-    against ours on these, bit for bit, and each operation against torch's on hostile values
-    (signed zeros, inf, nan, overflow, division by zero, subnormals). (On a GPU torch's own kernels may round a last bit
-    otherwise; the batched solver's decisions are those of the CPU rules.)"""
+#: The search's stand-in for torch's 0-d tensors of each floating dtype: a NumPy scalar of it.
+_SEARCH_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
 
-    __slots__ = ("value",)
-    kind: type = np.float32
-    dtype: torch.dtype = torch.float32
+#: Whether this NumPy combines its scalars with Python numbers as torch combines 0-d tensors
+#: with them (NEP 50, NumPy 2: the number is cast to the scalar's dtype, `np.float32(1) * 0.1` is
+#: a float32; NumPy 1 gave a float64). Without it the batched search would round otherwise than
+#: torch's: `lbfgs_matching` then runs the reference loop.
+WEAK_PYTHON_SCALARS = (type(np.float32(1) * 0.1) is np.float32 and type(0.1 - np.float32(1)) is np.float32
+                       and not bool(np.float32(1) < 1.0000000001))
 
-    def __init__(self, value) -> None:
-        self.value = self.kind(value)
 
-    @classmethod
-    def of(cls, dtype: torch.dtype) -> type[_Scalar]:
-        """The scalar type of `dtype` (float32 or float64)."""
-        return {torch.float32: _Float32, torch.float64: _Float64}[dtype]
-
-    # Each operation written out (no helper calls): a search makes ~20 of them per trial point.
-    def __add__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.value + (other.value if isinstance(other, _Scalar) else self.kind(other))
-        return result
-
-    def __radd__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.kind(other) + self.value
-        return result
-
-    def __sub__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.value - (other.value if isinstance(other, _Scalar) else self.kind(other))
-        return result
-
-    def __rsub__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.kind(other) - self.value
-        return result
-
-    def __mul__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.value * (other.value if isinstance(other, _Scalar) else self.kind(other))
-        return result
-
-    def __rmul__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.kind(other) * self.value
-        return result
-
-    def __truediv__(self, other):
-        result = object.__new__(type(self))
-        result.value = self.value / (other.value if isinstance(other, _Scalar) else self.kind(other))
-        return result
-
-    def __rtruediv__(self, other):  # torch: self.reciprocal() * other
-        result = object.__new__(type(self))
-        result.value = (self.kind(1) / self.value) * self.kind(other)
-        return result
-
-    def __pow__(self, exponent):
-        if exponent != 2:
-            raise NotImplementedError("only ** 2 (torch's kernel multiplies) is used")
-        result = object.__new__(type(self))
-        result.value = self.value * self.value
-        return result
-
-    def __neg__(self):
-        result = object.__new__(type(self))
-        result.value = -self.value
-        return result
-
-    def __abs__(self):
-        result = object.__new__(type(self))
-        result.value = abs(self.value)
-        return result
-
-    def sqrt(self):
-        result = object.__new__(type(self))
-        result.value = _torch_sqrt(self.value, self.kind, self.dtype)
-        return result
-
-    def __lt__(self, other) -> bool:
-        return bool(self.value < (other.value if isinstance(other, _Scalar) else self.kind(other)))
-
-    def __le__(self, other) -> bool:
-        return bool(self.value <= (other.value if isinstance(other, _Scalar) else self.kind(other)))
-
-    def __gt__(self, other) -> bool:
-        return bool(self.value > (other.value if isinstance(other, _Scalar) else self.kind(other)))
-
-    def __ge__(self, other) -> bool:
-        return bool(self.value >= (other.value if isinstance(other, _Scalar) else self.kind(other)))
-
-    def __float__(self) -> float:
-        return float(self.value)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({float(self.value)!r})"
+def _divide(a, b):
+    """a / b as torch divides: `number / tensor` is `tensor.reciprocal() * number` (torch's
+    `Tensor.__rdiv__`), where NumPy would divide once; anything else as NumPy (or Python) does."""
+    if isinstance(b, np.floating) and not isinstance(a, np.floating):
+        kind = type(b)
+        return (kind(1) / b) * kind(a)
+    return a / b
 
 
 _SQRT_BUFFERS = threading.local()
 
 
-def _torch_sqrt(value, kind: type, dtype: torch.dtype):
-    """torch's own sqrt of one value (MKL's: not always correctly rounded), in a 0-d tensor
-    that shares its memory with a NumPy array, one per thread and dtype: 2 us where a new
-    tensor took 13 (a line search takes one per cubic interpolation)."""
-    buffers = getattr(_SQRT_BUFFERS, "by_dtype", None)
+def _torch_sqrt(value):
+    """torch's own sqrt of one NumPy scalar (MKL's: not always correctly rounded, 0.5% of
+    float32 values differ from IEEE's in their last bit), in a 0-d tensor that shares its memory
+    with a NumPy array, one per thread and dtype: 2 us where a new tensor took 13 (a line search
+    takes one per cubic interpolation)."""
+    kind = type(value)
+    buffers = getattr(_SQRT_BUFFERS, "by_kind", None)
     if buffers is None:
-        buffers = _SQRT_BUFFERS.by_dtype = {}
-    pair = buffers.get(dtype)
+        buffers = _SQRT_BUFFERS.by_kind = {}
+    pair = buffers.get(kind)
     if pair is None:
         array = np.zeros((), dtype=kind)
-        pair = buffers[dtype] = (array, torch.from_numpy(array))
+        pair = buffers[kind] = (array, torch.from_numpy(array))
     array, tensor = pair
     array[()] = value
     tensor.sqrt_()
     return kind(array[()])
 
 
-class _Float32(_Scalar):
-    __slots__ = ()
-    kind, dtype = np.float32, torch.float32
+def _cubic_interpolate(x1, f1, g1, x2, f2, g2, bounds=None):
+    """torch's `_cubic_interpolate` (torch/optim/lbfgs.py), statement for statement, where its
+    0-d tensors are NumPy scalars of their dtype (`_strong_wolfe`): the same values bit for bit,
+    NumPy rounding as torch's CPU kernels do — a Python number operand cast to the dtype first
+    (NEP 50, as a wrapped number does not promote a tensor) — except in three operations,
+    written out here as torch computes them: `number / tensor` (`_divide`), `tensor ** 2`
+    (torch's pow kernel multiplies) and sqrt (torch's own). `tests/test_lbfgs.py` runs torch's
+    on 0-d tensors against it on hostile values, and torch's `_strong_wolfe` against ours."""
+    # Compute bounds of interpolation area
+    if bounds is not None:
+        xmin_bound, xmax_bound = bounds
+    else:
+        xmin_bound, xmax_bound = (x1, x2) if x1 <= x2 else (x2, x1)
+    # Most common case: cubic interpolation of 2 points w/ function and derivative values for both
+    d1 = g1 + g2 - _divide(3 * (f1 - f2), x1 - x2)
+    d2_square = d1 * d1 - g1 * g2
+    if d2_square >= 0:
+        d2 = _torch_sqrt(d2_square)
+        if x1 <= x2:
+            min_pos = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+        else:
+            min_pos = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+        return min(max(min_pos, xmin_bound), xmax_bound)
+    else:
+        return (xmin_bound + xmax_bound) / 2.0
 
 
-class _Float64(_Scalar):
-    __slots__ = ()
-    kind, dtype = np.float64, torch.float64
-
-
-def _strong_wolfe(t, f: float, g: torch.Tensor, gtd: _Scalar, d_norm: _Scalar, max_ls: int,
+def _strong_wolfe(t, f: float, g: torch.Tensor, gtd: np.floating, d_norm: np.floating, max_ls: int,
                   c1: float = 1e-4, c2: float = 0.9, tolerance_change: float = TOLERANCE_CHANGE):
     """torch's `_strong_wolfe` (torch/optim/lbfgs.py) for ONE victim, as a generator: it yields
     each trial step t and is sent back (f_new, g_new, gtd_new) — the loss (a Python float, as
     torch's `float(closure())`), the flat gradient and g_new.d (a 0-d tensor) at x + t d — so a
     driver can evaluate every victim's trial point in one batched call. Statement for
     statement torch's code, on the same types (f Python floats, t a Python number or a 0-d
-    tensor, gtd 0-d tensors; here `_Scalar`s stand for the 0-d tensors and round as they do),
-    with torch's `_cubic_interpolate`; d enters only through d_norm = max|d| (the evaluations
+    tensor, gtd 0-d tensors; here NumPy scalars stand for the 0-d tensors and round as they do),
+    with torch's `_cubic_interpolate` (ours, `_cubic_interpolate`); d enters only through d_norm = max|d| (the evaluations
     are the driver's). Returns (f_new, g_new, t, ls_func_evals, zoom_evals) — torch's four, and
     how many evaluations the zoom phase made."""
     f_new, g_new, gtd_new = yield t
@@ -861,7 +790,7 @@ class _GroupSolver:
         dim = self.x.shape[1]
         self.lr = float(config.lr)
         self.max_ls = config.line_search_evals
-        self.scalar = _Scalar.of(self.x.dtype)  # the search's 0-d tensors
+        self.scalar = _SEARCH_SCALAR[self.x.dtype]  # the search's 0-d tensors
 
         # Each victim's state, updated in place row by row (every row handed to a search
         # generator is a copy or a row of an engine call's output, never a view of these).
@@ -1097,7 +1026,8 @@ class _GroupSolver:
         """Step 3: each result to its victim — a searching one's generator takes (f, g, g.d) and
         yields its next trial or ends its search; one evaluated at x takes its f and g and
         starts its step next round."""
-        values = zip(losses.tolist(), grads.unbind(0), map(self.scalar, gtd_new.tolist()))
+        # g.d as NumPy scalars of its dtype (the search's 0-d tensors)
+        values = zip(losses.tolist(), grads.unbind(0), gtd_new.cpu().numpy())
         fresh = []
         with np.errstate(all="ignore"):  # the searches' arithmetic: inf and nan without a word, as torch's
             for position, (k, value) in enumerate(zip(pending, values)):
