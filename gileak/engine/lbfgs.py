@@ -611,16 +611,18 @@ class _History:
         columns = [rows.index_select(0, first), rows.index_select(0, first + 1)]
         if g is not None:
             columns.insert(0, g)
-        products = torch.bmm(block, torch.stack(columns, dim=1).transpose(1, 2)).double()  # (n, 2m, 1 + 2)
+        # (the vectors times the block's transpose, (n, 1 + 2, 2m): 2-5x as fast on a CPU as the
+        # block times the vectors' transpose, a matrix-vector product over the long side)
+        products = torch.bmm(torch.stack(columns, dim=1), block.transpose(1, 2)).double()
         if bool(due.any()):
             which, where = victims[due], at[due]
-            new_s, new_y = products[due, :, -2], products[due, :, -1]  # . s_new, . y_new
+            new_s, new_y = products[due, -2], products[due, -1]  # . s_new, . y_new
             self.sy[which, where, :used] = new_s[:, 1::2]  # s_new . y_b
             self.sy[which, :used, where] = new_y[:, 0::2]  # s_a . y_new
             self.yy[which, where, :used] = new_y[:, 1::2]  # y_new . y_b
             self.yy[which, :used, where] = new_y[:, 1::2]
             self.fresh[which] = -1
-        return products[:, :, 0] if g is not None else None
+        return products[:, 0] if g is not None else None
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor, victims: torch.Tensor) -> torch.Tensor:
         """torch's two-loop recursion, d = -H g, for the victims `victims` (distinct; g and
