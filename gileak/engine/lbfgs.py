@@ -925,7 +925,10 @@ class _GroupSolver:
             s = row_d * row_t.unsqueeze(1)
             ys = _dot(y, s)
             update = is_later & (ys > 1e-10)
-            if bool(update.any()):
+            if bool(update.all()):  # (no masked copies of the (n, D) rows)
+                self.history.push(rows, y, s, 1.0 / ys)
+                self.h_diag[rows] = ys / _dot(y, y)
+            elif bool(update.any()):
                 self.history.push(rows[update], y[update], s[update], (1.0 / ys)[update])
                 self.h_diag[rows] = torch.where(update, ys / _dot(y, y), self.h_diag[rows])
             if direction is None:  # every victim past its first step
@@ -1011,17 +1014,23 @@ class _GroupSolver:
         index = torch.tensor(pending, dtype=torch.long, device=device)
         searching = [k for k in pending if k in self.trials]
         steps = torch.tensor([float(self.trials[k]) for k in searching], dtype=x.dtype, device=device)
+        everyone = len(pending) == self.count
+        d_rows = d if everyone else None  # the pending victims' d
         if len(searching) == self.count:  # every victim at its trial point: no gathers
             _moved(x, d, steps, out=points)
         elif searching:
-            rows = torch.tensor(searching, dtype=torch.long, device=device)
+            all_searching = len(searching) == len(pending)
+            rows = index if all_searching else torch.tensor(searching, dtype=torch.long, device=device)
+            searched_d = d.index_select(0, rows)
+            if all_searching:
+                d_rows = searched_d
             # end_searches forms the final x by this same expression
-            points.index_copy_(0, rows, _moved(x.index_select(0, rows), d.index_select(0, rows), steps))
+            points.index_copy_(0, rows, _moved(x.index_select(0, rows), searched_d, steps))
         if self.at_x:
             rows = torch.tensor(self.at_x, dtype=torch.long, device=device)
             points.index_copy_(0, rows, x.index_select(0, rows))
-        losses, grads = self.evaluate(points, None if len(pending) == self.count else index)
-        return index, losses, grads, _dot(grads, d.index_select(0, index))
+        losses, grads = self.evaluate(points, None if everyone else index)
+        return index, losses, grads, _dot(grads, d.index_select(0, index) if d_rows is None else d_rows)
 
     def deliver(self, pending: list[int], index: torch.Tensor, losses: torch.Tensor, grads: torch.Tensor,
                 gtd_new: torch.Tensor) -> None:
