@@ -28,8 +28,10 @@ def environment(device: str) -> dict:
     try:
         from gileak import __version__
         from gileak.engine.compat import missing
+        from gileak.engine.lbfgs import WEAK_PYTHON_SCALARS
 
-        env.update(gileak=__version__, private_torch_apis_missing=missing())
+        # NumPy 2's promotion, which the batched L-BFGS line search needs (else: the per-victim loop)
+        env.update(gileak=__version__, private_torch_apis_missing=missing(), numpy_nep50=WEAK_PYTHON_SCALARS)
     except Exception as e:  # noqa: BLE001 — reported, the rest of the check goes on
         env["gileak_import_error"] = f"{type(e).__name__}: {e}"
     versions = {}
@@ -162,6 +164,9 @@ def _markdown(result: dict, dry: dict) -> str:
                   ""]
     if env.get("private_torch_apis_missing"):
         lines += [f"Private torch APIs missing (running on their fallbacks): {env['private_torch_apis_missing']}", ""]
+    if env.get("numpy_nep50") is False:
+        lines += [f"NumPy {env['packages'].get('numpy')} lacks NumPy 2's scalar promotion (NEP 50): dlg, idlg and cpl "
+                  "ran the per-victim torch.optim.LBFGS loop instead of the batched solver.", ""]
     if env.get("gileak_import_error"):
         lines += [f"**gileak did not import**: {env['gileak_import_error']}", ""]
     lines += ["## Steps", "", "| step | status | seconds | limit |", "|---|---|---:|---:|"]
