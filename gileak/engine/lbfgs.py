@@ -37,7 +37,8 @@ within a few iterations): the attacks were under-powered. We pass max_eval = 1 +
 reproduces the old behaviour.
 
 The batched search runs each victim's `_strong_wolfe` — ported statement for statement, on
-torch's types (its 0-d tensors as NumPy scalars of their dtype, which round as they do on the CPU: `_cubic_interpolate`) — as a generator: it yields its trial t, an engine call evaluates the trial
+torch's types (its 0-d tensors as NumPy scalars of their dtype, which round as they do on the
+CPU: see `_cubic_interpolate`) — as a generator: it yields its trial t, an engine call evaluates the trial
 point x + t d, and the generator takes its (f, g, g.d) and yields its next t or returns (f, g,
 t, evaluations). The victims are not kept in step (`_solve_group`): a victim whose search
 ends starts its next step at once, so each round's ONE engine call carries every victim still
@@ -251,7 +252,10 @@ def _moved(x: torch.Tensor, d: torch.Tensor, t: torch.Tensor, out: torch.Tensor 
     return torch.addcmul(x, d, t.unsqueeze(1), out=out)
 
 
-#: The search's stand-in for torch's 0-d tensors of each floating dtype: a NumPy scalar of it.
+#: The search's stand-in for torch's 0-d tensors of each floating dtype: a NumPy scalar of it (a
+#: torch operation on a 0-d tensor costs microseconds, a search makes dozens per trial point,
+#: and on a GPU every `if` on one would wait for the device; on a GPU torch's own kernels may
+#: round a last bit otherwise, and the batched solver's decisions are those of the CPU rules).
 _SEARCH_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
 
 #: Whether this NumPy combines its scalars with Python numbers as torch combines 0-d tensors
@@ -328,8 +332,8 @@ def _strong_wolfe(t, f: float, g: torch.Tensor, gtd: np.floating, d_norm: np.flo
     driver can evaluate every victim's trial point in one batched call. Statement for
     statement torch's code, on the same types (f Python floats, t a Python number or a 0-d
     tensor, gtd 0-d tensors; here NumPy scalars stand for the 0-d tensors and round as they do),
-    with torch's `_cubic_interpolate` (ours, `_cubic_interpolate`); d enters only through d_norm = max|d| (the evaluations
-    are the driver's). Returns (f_new, g_new, t, ls_func_evals, zoom_evals) — torch's four, and
+    with torch's `_cubic_interpolate` (ported: ours); d enters only through d_norm = max|d| (the
+    evaluations are the driver's). Returns (f_new, g_new, t, ls_func_evals, zoom_evals) — torch's four, and
     how many evaluations the zoom phase made."""
     f_new, g_new, gtd_new = yield t
     ls_func_evals = 1
