@@ -97,6 +97,8 @@ step env 15 "$PYTHON" benchmarks/gpu_check_summary.py env --device "$DEVICE" --j
 step tests 70 "$PYTHON" -m pytest -p no:cacheprovider -q -m "$MARK" tests/test_cuda.py --junitxml="$WORK/junit-tests.xml"
 step cpu-tests 15 "$PYTHON" -m pytest -p no:cacheprovider -q tests/test_compat.py \
     "tests/test_lbfgs.py::test_the_search_generator_takes_torchs_strong_wolfe_steps_bit_for_bit" \
+    "tests/test_lbfgs.py::test_cubic_interpolation_is_torchs_bit_for_bit_on_hostile_values" \
+    "tests/test_lbfgs.py::test_numpy_scalar_arithmetic_is_torchs_0d_tensor_arithmetic_on_hostile_values" \
     --junitxml="$WORK/junit-cpu-tests.xml"
 
 # 5. throughput (each writes its JSON row by row: a step cut short keeps what it measured)
