@@ -1042,7 +1042,7 @@ class _GroupSolver:
         yields its next trial or ends its search; one evaluated at x takes its f and g and
         starts its step next round."""
         # g.d as NumPy scalars of its dtype (the search's 0-d tensors)
-        values = zip(losses.tolist(), grads.unbind(0), gtd_new.cpu().numpy())
+        values = zip(losses.tolist(), grads.unbind(0), gtd_new.detach().cpu().numpy())
         fresh = []
         with np.errstate(all="ignore"):  # the searches' arithmetic: inf and nan without a word, as torch's
             for position, (k, value) in enumerate(zip(pending, values)):
